@@ -1,0 +1,174 @@
+"""Configuration of MoCo (Momentum Contrast) models over timm backbones."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from transformers import PretrainedConfig
+
+SHUFFLE_BN_MODES = ("auto", "ddp", "split", "none")
+AUGMENTATIONS = ("v1", "v2", "v3")
+LR_SCHEDULES = ("step", "cosine")
+
+# The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
+PRESETS: dict[str, dict[str, Any]] = {
+    # He et al. 2019, "Momentum Contrast for Unsupervised Visual Representation Learning".
+    "v1": {
+        "dim": 128,
+        "queue_size": 65536,
+        "momentum": 0.999,
+        "softmax_temperature": 0.07,
+        "mlp": False,
+        "augmentation": "v1",
+        "lr_schedule": "step",
+        "base_learning_rate": 0.03,
+        "weight_decay": 1e-4,
+        "sgd_momentum": 0.9,
+    },
+    # Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning": MLP head, T=0.2,
+    # blur augmentation, cosine schedule.
+    "v2": {
+        "dim": 128,
+        "queue_size": 65536,
+        "momentum": 0.999,
+        "softmax_temperature": 0.2,
+        "mlp": True,
+        "augmentation": "v2",
+        "lr_schedule": "cosine",
+        "base_learning_rate": 0.03,
+        "weight_decay": 1e-4,
+        "sgd_momentum": 0.9,
+    },
+}
+
+
+class MocoConfig(PretrainedConfig):
+    r"""Configuration of a [`MocoModel`].
+
+    Defaults follow MoCo v1 (He et al. 2019); `MocoConfig.from_preset("v2")` gives MoCo v2 (Chen et al. 2020).
+
+    Args:
+        backbone (`str`, defaults to `"resnet50"`):
+            Name of a timm model (`timm.list_models()`), created with `num_classes=0` so that it returns pooled
+            features of size `num_features`.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model`, e.g. `{"img_size": 32, "patch_size": 4}` for a ViT on
+            CIFAR-sized images.
+        dim (`int`, defaults to 128):
+            Dimension of the embedding the contrastive loss compares (output of the projection head).
+        queue_size (`int`, defaults to 65536):
+            K, the number of negative keys kept in the queue. Need not be a multiple of the batch size: the queue
+            wraps around.
+        momentum (`float`, defaults to 0.999):
+            m in `theta_k <- m * theta_k + (1 - m) * theta_q`.
+        softmax_temperature (`float`, defaults to 0.07):
+            T of the InfoNCE loss (the paper's "temperature"; named so because `temperature` is reserved for
+            generation parameters by `transformers`).
+        mlp (`bool`, defaults to `False`):
+            Projection head: `False` is v1's single Linear layer, `True` is v2's Linear-ReLU-Linear.
+        mlp_hidden_dim (`int`, *optional*):
+            Hidden width of the MLP head; defaults to the backbone's `num_features` (as in v2).
+        shuffle_bn (`str`, defaults to `"auto"`):
+            How the key encoder's batch statistics are kept from leaking the positive pair: `"ddp"` shuffles the key
+            batch across processes (gather, permute, encode the local shard, unshuffle); `"split"` emulates that on
+            one process by normalising `num_splits` groups of the batch separately (SplitBatchNorm) after a shuffle;
+            `"none"` does nothing. `"auto"` picks `"ddp"` when `torch.distributed` runs with more than one process,
+            else `"split"`.
+        num_splits (`int`, defaults to 8):
+            Number of BatchNorm groups of the `"split"` emulation (the official CIFAR demo's `bn_splits`).
+        augmentation, lr_schedule, base_learning_rate, weight_decay, sgd_momentum:
+            The training recipe read by `training/pretrain.py` (`base_learning_rate` is per 256 images and scales
+            linearly with the global batch). Stored here so a checkpoint says how it was trained.
+    """
+
+    model_type = "moco"
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        dim: int = 128,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        softmax_temperature: float = 0.07,
+        mlp: bool = False,
+        mlp_hidden_dim: int | None = None,
+        shuffle_bn: str = "auto",
+        num_splits: int = 8,
+        augmentation: str = "v1",
+        lr_schedule: str = "step",
+        base_learning_rate: float = 0.03,
+        weight_decay: float = 1e-4,
+        sgd_momentum: float = 0.9,
+        **kwargs: Any,
+    ) -> None:
+        self.backbone = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.dim = dim
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.softmax_temperature = softmax_temperature
+        self.mlp = mlp
+        self.mlp_hidden_dim = mlp_hidden_dim
+        self.shuffle_bn = shuffle_bn
+        self.num_splits = num_splits
+        self.augmentation = augmentation
+        self.lr_schedule = lr_schedule
+        self.base_learning_rate = base_learning_rate
+        self.weight_decay = weight_decay
+        self.sgd_momentum = sgd_momentum
+        super().__init__(**kwargs)
+        self.validate_moco()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MocoConfig:
+        """A config with the recipe of paper `name` (`"v1"` or `"v2"`); `overrides` replace any field."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown MoCo preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate_moco(self) -> None:
+        """Raise `ValueError` naming the first field that is out of range."""
+        _check(isinstance(self.backbone, str) and self.backbone, "backbone", self.backbone, "a timm model name")
+        _check_backbone_exists(self.backbone)
+        _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
+        _check(_is_int(self.queue_size) and self.queue_size >= 0, "queue_size", self.queue_size,
+               "an integer >= 0 (K, the number of negative keys)")
+        _check(_is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum,
+               "a number in [0, 1]")
+        _check(_is_number(self.softmax_temperature) and self.softmax_temperature > 0, "softmax_temperature",
+               self.softmax_temperature, "a number > 0")
+        _check(self.mlp_hidden_dim is None or (_is_int(self.mlp_hidden_dim) and self.mlp_hidden_dim > 0),
+               "mlp_hidden_dim", self.mlp_hidden_dim, "a positive integer or None")
+        _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
+        _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits,
+               "a positive integer")
+        _check(self.augmentation in AUGMENTATIONS, "augmentation", self.augmentation, f"one of {AUGMENTATIONS}")
+        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        for name in ("base_learning_rate", "weight_decay", "sgd_momentum"):
+            value = getattr(self, name)
+            _check(_is_number(value) and value >= 0, name, value, "a number >= 0")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: Any, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"MocoConfig.{field} must be {expected}, got {value!r}.")
+
+
+def _check_backbone_exists(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else " See timm.list_models()."
+    raise ValueError(f"MocoConfig.backbone {name!r} is not a timm model.{hint}")
