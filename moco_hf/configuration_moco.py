@@ -133,17 +133,29 @@ class MocoConfig(PretrainedConfig):
         _check(isinstance(self.backbone, str) and self.backbone, "backbone", self.backbone, "a timm model name")
         _check_backbone_exists(self.backbone)
         _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
-        _check(_is_int(self.queue_size) and self.queue_size >= 0, "queue_size", self.queue_size,
-               "an integer >= 0 (K, the number of negative keys)")
-        _check(_is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum,
-               "a number in [0, 1]")
-        _check(_is_number(self.softmax_temperature) and self.softmax_temperature > 0, "softmax_temperature",
-               self.softmax_temperature, "a number > 0")
-        _check(self.mlp_hidden_dim is None or (_is_int(self.mlp_hidden_dim) and self.mlp_hidden_dim > 0),
-               "mlp_hidden_dim", self.mlp_hidden_dim, "a positive integer or None")
+        _check(
+            _is_int(self.queue_size) and self.queue_size >= 0,
+            "queue_size",
+            self.queue_size,
+            "an integer >= 0 (K, the number of negative keys)",
+        )
+        _check(
+            _is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum, "a number in [0, 1]"
+        )
+        _check(
+            _is_number(self.softmax_temperature) and self.softmax_temperature > 0,
+            "softmax_temperature",
+            self.softmax_temperature,
+            "a number > 0",
+        )
+        _check(
+            self.mlp_hidden_dim is None or (_is_int(self.mlp_hidden_dim) and self.mlp_hidden_dim > 0),
+            "mlp_hidden_dim",
+            self.mlp_hidden_dim,
+            "a positive integer or None",
+        )
         _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
-        _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits,
-               "a positive integer")
+        _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
         _check(self.augmentation in AUGMENTATIONS, "augmentation", self.augmentation, f"one of {AUGMENTATIONS}")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
         for name in ("base_learning_rate", "weight_decay", "sgd_momentum"):

@@ -197,8 +197,12 @@ class MocoModel(MocoPreTrainedModel):
         if self.queue.device.type != "meta":
             # A new model: the key encoder starts as a copy of the query encoder, both with timm's init.
             self.encoder_k.load_state_dict(self.encoder_q.state_dict())
-            for tensor in [*self.encoder_q.parameters(), *self.encoder_q.buffers(),
-                           *self.encoder_k.parameters(), *self.encoder_k.buffers()]:
+            for tensor in [
+                *self.encoder_q.parameters(),
+                *self.encoder_q.buffers(),
+                *self.encoder_k.parameters(),
+                *self.encoder_k.buffers(),
+            ]:
                 tensor._is_hf_initialized = True
         self.encoder_k.requires_grad_(False)  # updated by the momentum rule only
         self.post_init()
@@ -289,8 +293,10 @@ class MocoModel(MocoPreTrainedModel):
         if mode == "auto":
             mode = "ddp" if is_distributed() else "split"
         if mode == "ddp" and not is_distributed():
-            raise RuntimeError("shuffle_bn='ddp' needs torch.distributed with more than one process; "
-                               "use 'split' (or 'auto') on a single process.")
+            raise RuntimeError(
+                "shuffle_bn='ddp' needs torch.distributed with more than one process; "
+                "use 'split' (or 'auto') on a single process."
+            )
         return mode
 
     def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
