@@ -8,7 +8,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "none")
-AUGMENTATIONS = ("v1", "v2", "v3")
+AUGMENTATIONS = ("v1", "v2")
 LR_SCHEDULES = ("step", "cosine")
 
 # The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.

@@ -1,0 +1,534 @@
+#!/usr/bin/env python
+"""MoCo pretraining of a timm backbone on any image dataset, with Accelerate.
+
+One process:          python training/pretrain.py --backbone resnet18 --image_size 32 --max_train_steps 500
+Several (GPUs):       accelerate launch --multi_gpu --num_processes 8 training/pretrain.py --preset v2 ...
+Two CPU processes:    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+                          --dynamo_backend no training/pretrain.py ...
+Arguments may also come from a YAML or JSON file: python training/pretrain.py config.yaml
+
+With no --dataset_name it trains on CIFAR-10 (../shared/data/cifar10 when present, else the Hub's uoft-cs/cifar10)
+and reports the weighted kNN accuracy of the encoder before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/pretrain.py` from a checkout
+
+from moco_hf import MocoConfig, MocoModel
+from moco_hf.configuration_moco import PRESETS
+from training.augmentations import IMAGENET_MEAN, IMAGENET_STD, build_two_crops, evaluation_transform
+from training.data import (
+    DataError,
+    TwoCropBatches,
+    as_iterable,
+    default_dataset_name,
+    find_image_column,
+    find_label_column,
+    labelled_images,
+    load_image_dataset,
+    seed_worker_env,
+    shard_for_process,
+    usable_workers,
+)
+from training.knn import extract_features, knn_accuracy
+from training.plotting import plot_training_curves
+
+logger = logging.getLogger("moco_hf.pretrain")
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="v2", metadata={"help": f"Paper recipe: one of {sorted(PRESETS)}."})
+    backbone: str = field(default="resnet18", metadata={"help": "timm model name."})
+    backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
+    dim: int | None = field(default=None, metadata={"help": "Embedding dimension (preset: 128)."})
+    queue_size: int | None = field(default=None, metadata={"help": "K, negatives in the queue (preset: 65536)."})
+    momentum: float | None = field(default=None, metadata={"help": "Key encoder momentum m (preset: 0.999)."})
+    softmax_temperature: float | None = field(default=None, metadata={"help": "T (preset: v1 0.07, v2 0.2)."})
+    mlp: bool | None = field(default=None, metadata={"help": "MLP projection head (preset: v1 no, v2 yes)."})
+    shuffle_bn: str = field(default="auto", metadata={"help": "auto | ddp | split | none."})
+    num_splits: int = field(default=8, metadata={"help": "BatchNorm groups of the 'split' emulation."})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local path (default: CIFAR-10)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected if unique)."})
+    streaming: bool = field(default=False, metadata={"help": "Iterate without materialising the dataset."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of the stream."})
+    image_size: int = field(default=224, metadata={"help": "Crop size: 32 for CIFAR-size images, 224 for ImageNet."})
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Labelled data for kNN (default: same)."})
+    eval_train_split: str = field(default="train", metadata={"help": "kNN memory bank split."})
+    eval_split: str = field(default="test", metadata={"help": "kNN query split."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected)."})
+    knn_max_train_samples: int | None = field(default=10_000, metadata={"help": "Bank size cap (None: all)."})
+    knn_max_eval_samples: int | None = field(default=2_000, metadata={"help": "Query count cap (None: all)."})
+    knn_k: int = field(default=200, metadata={"help": "Neighbours of the weighted kNN."})
+    knn_temperature: float = field(default=0.1, metadata={"help": "Temperature of the kNN weights."})
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/moco", metadata={"help": "Where checkpoints and the model go."})
+    per_device_train_batch_size: int = field(default=256)
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimizer step. Each micro-batch still momentum-updates the key encoder and "
+            "enqueues its keys; the learning rate scales with the effective batch."
+        },
+    )
+    learning_rate: float | None = field(default=None, metadata={"help": "Default: preset lr x global batch / 256."})
+    lr_scheduler_type: str | None = field(default=None, metadata={"help": "step | cosine (preset: v1 step)."})
+    weight_decay: float | None = field(default=None)
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
+    num_train_epochs: float = field(default=200)
+    max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no | bf16 | fp16 (default: launcher's)."})
+    seed: int = field(default=0)
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save every N steps (and at the end)."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to the --report_to trackers."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | ..."})
+    logging_steps: int = field(default=10)
+    eval_every: float | None = field(default=None, metadata={"help": "kNN every N epochs (always at the end)."})
+    knn_at_start: bool = field(default=True, metadata={"help": "kNN of the initial (random) encoder first."})
+    torch_compile: bool = field(default=False)
+    channels_last: bool = field(default=False)
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None)
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+
+def build_config(model_args: ModelArguments, train_args: TrainArguments) -> MocoConfig:
+    """The preset's recipe, with every field given on the command line taking precedence."""
+    overrides = {
+        "backbone": model_args.backbone,
+        "backbone_kwargs": json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else {},
+        "shuffle_bn": model_args.shuffle_bn,
+        "num_splits": model_args.num_splits,
+    }
+    for name in ("dim", "queue_size", "momentum", "softmax_temperature", "mlp"):
+        if getattr(model_args, name) is not None:
+            overrides[name] = getattr(model_args, name)
+    if train_args.lr_scheduler_type is not None:
+        overrides["lr_schedule"] = train_args.lr_scheduler_type
+    if train_args.weight_decay is not None:
+        overrides["weight_decay"] = train_args.weight_decay
+    return MocoConfig.from_preset(model_args.preset, **overrides)
+
+
+def learning_rate_multiplier(schedule: str, total_steps: int):
+    """Step: x0.1 at 60% and 80% of training (the seed's epochs 120 and 160 of 200); cosine: half a cosine to 0."""
+
+    def step(current: int) -> float:
+        progress = current / max(1, total_steps)
+        return 0.1 ** sum(progress >= milestone for milestone in (0.6, 0.8))
+
+    def cosine(current: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(current, total_steps) / max(1, total_steps)))
+
+    return {"step": step, "cosine": cosine}[schedule]
+
+
+def dataset_rows(dataset) -> int | None:
+    """Number of rows, when known without reading the data."""
+    if hasattr(dataset, "__len__"):
+        return len(dataset)
+    splits = dataset.info.splits
+    return splits[dataset.split].num_examples if splits and dataset.split in splits else None
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a save in progress lives in a hidden `.tmp-` folder until renamed)."""
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict, limit: int | None) -> Path:
+    """Accelerate state (model with queue and key encoder, optimizer, scheduler, RNG) plus `trainer_state.json`.
+
+    Written into a temporary folder and renamed when complete, so a killed save never looks like a checkpoint.
+    """
+    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    staging = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if limit is not None:
+            for old in checkpoint_dirs(output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(value: str, output_dir: Path) -> Path | None:
+    if value == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise DataError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint (no trainer_state.json).")
+    return path
+
+
+# ---- kNN monitor ------------------------------------------------------------------------------------------------
+
+
+class KnnMonitor:
+    """Weighted kNN accuracy of the query backbone's features on a labelled train/test split, across processes."""
+
+    def __init__(self, data_args: DataArguments, accelerator: Accelerator, dataset_name: str) -> None:
+        self.args, self.accelerator = data_args, accelerator
+        self.transform = evaluation_transform(data_args.image_size, data_args.image_mean, data_args.image_std)
+        self.splits = {}
+        for role, split, limit in (
+            ("bank", data_args.eval_train_split, data_args.knn_max_train_samples),
+            ("queries", data_args.eval_split, data_args.knn_max_eval_samples),
+        ):
+            dataset = load_image_dataset(dataset_name, split, data_args.streaming, data_args.dataset_config_name)
+            self.image_column = find_image_column(dataset, data_args.image_column)
+            self.label_column = find_label_column(dataset, data_args.label_column)
+            if limit is not None:
+                dataset = (
+                    dataset.take(limit) if data_args.streaming else dataset.select(range(min(limit, len(dataset))))
+                )
+            self.splits[role] = dataset
+        label_feature = self.splits["bank"].features[self.label_column]
+        self.num_classes = getattr(label_feature, "num_classes", None)
+
+    def _features(self, model: MocoModel, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        accelerator = self.accelerator
+        dataset = shard_for_process(
+            as_iterable(self.splits[role], accelerator.num_processes),
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        pairs = labelled_images(dataset, self.image_column, self.label_column, limit=None)
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with accelerator.autocast():
+                return model.get_image_features(images).pooler_output
+
+        features, labels = extract_features(encode, pairs, self.transform, device=accelerator.device)
+        gathered = gather_object([(features, labels)])
+        return torch.cat([f for f, _ in gathered if f.numel()]), torch.cat([lab for _, lab in gathered])
+
+    @torch.no_grad()
+    def __call__(self, model: MocoModel) -> float:
+        was_training = model.training
+        model.eval()
+        bank, bank_labels = self._features(model, "bank")
+        queries, query_labels = self._features(model, "queries")
+        model.train(was_training)
+        num_classes = self.num_classes or int(bank_labels.max()) + 1
+        return knn_accuracy(
+            bank, bank_labels, queries, query_labels, num_classes, self.args.knn_k, self.args.knn_temperature
+        )
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        model_args, data_args, train_args = parser.parse_yaml_file(argv[0])
+    elif len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, train_args = parser.parse_json_file(argv[0])
+    else:
+        model_args, data_args, train_args = parser.parse_args_into_dataclasses(argv)
+    try:
+        return train(model_args, data_args, train_args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived: save a checkpoint and exit."""
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> int:
+    output_dir = Path(train_args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=train_args.mixed_precision,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        log_with=train_args.report_to if train_args.with_tracking else None,
+        project_dir=str(output_dir),
+        # The queue and key encoder are identical on every rank by construction; broadcasting them each step
+        # (DDP's default) would copy K x dim floats per step for nothing.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    set_seed(train_args.seed)
+    config = build_config(model_args, train_args)
+
+    # -- data
+    dataset_name = data_args.dataset_name or default_dataset_name()
+    train_set = load_image_dataset(
+        dataset_name, data_args.train_split, data_args.streaming, data_args.dataset_config_name
+    )
+    image_column = find_image_column(train_set, data_args.image_column)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_batch = train_args.per_device_train_batch_size
+    global_batch = micro_batch * world * train_args.gradient_accumulation_steps
+    rows = dataset_rows(train_set)
+    if rows is not None and rows < micro_batch * world:
+        raise DataError(
+            f"the global batch ({micro_batch} per process x {world} processes) is larger than the dataset "
+            f"({rows} images); lower --per_device_train_batch_size."
+        )
+    if train_args.max_train_steps is not None:
+        total_steps = train_args.max_train_steps
+    elif rows is not None:
+        total_steps = max(1, int(train_args.num_train_epochs * rows // global_batch))
+    else:
+        raise DataError("the stream's length is unknown: pass --max_train_steps.")
+    steps_per_epoch = max(1, (rows or global_batch * total_steps) // global_batch)
+
+    requested_workers = data_args.dataloader_num_workers
+    stream = as_iterable(train_set, num_shards=max(1, world * max(1, requested_workers)))
+    stream = shard_for_process(stream, rank, world)
+    if data_args.streaming or not hasattr(train_set, "__len__"):
+        stream = stream.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
+    else:
+        stream = stream.shuffle(seed=train_args.seed, buffer_size=min(data_args.shuffle_buffer_size, rows))
+    num_workers = usable_workers(stream, requested_workers)
+    two_crops = build_two_crops(config.augmentation, data_args.image_size, data_args.image_mean, data_args.image_std)
+
+    # -- model, optimizer, schedule
+    model = MocoModel(config)
+    if model_args.sync_bn and world > 1:
+        model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+    if train_args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    learning_rate = train_args.learning_rate or config.base_learning_rate * global_batch / 256
+    optimizer = torch.optim.SGD(
+        model.encoder_q.parameters(), lr=learning_rate, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_multiplier(config.lr_schedule, total_steps))
+    if train_args.torch_compile:
+        model.encoder_q.backbone.compile()
+        model.encoder_k.backbone.compile()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    moco: MocoModel = accelerator.unwrap_model(model)
+
+    # -- resume
+    completed_steps, skipped_images, history = 0, 0, []
+    if train_args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, output_dir)
+        if checkpoint is None:
+            logger.info("No checkpoint in %s yet: starting from scratch.", output_dir / "checkpoints")
+        else:
+            accelerator.load_state(str(checkpoint))
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            completed_steps, skipped_images = state["completed_steps"], state["skipped_images"]
+            history = state.get("knn_history", [])
+            logger.info("Resumed from %s at step %d.", checkpoint, completed_steps)
+
+    batches = TwoCropBatches(
+        stream, image_column, two_crops, micro_batch, train_args.seed, rank,
+        skip_batches=completed_steps * train_args.gradient_accumulation_steps,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=num_workers,
+        worker_init_fn=lambda _: seed_worker_env(),
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(train_args.seed),  # keeps the global RNG untouched
+    )
+
+    run_config = {**asdict(model_args), **asdict(data_args), **asdict(train_args)}
+    run_config |= {"dataset_name": dataset_name, "learning_rate": learning_rate, "total_steps": total_steps}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+    if train_args.with_tracking:
+        accelerator.init_trackers("moco", config={k: str(v) for k, v in run_config.items()})
+
+    knn = KnnMonitor(data_args, accelerator, data_args.eval_dataset_name or dataset_name)
+    if train_args.knn_at_start and completed_steps == 0:
+        accuracy = knn(moco)
+        history.append({"step": 0, "knn_top1": accuracy})
+        logger.info("kNN top-1 of the initial (random) encoder: %.2f%%", accuracy)
+
+    logger.info(
+        "Training %s (%s) for %d steps: %d processes x %d images x %d accumulation = %d per step, lr %.4g, "
+        "%d loader workers per process, shuffle_bn=%s.",
+        config.backbone, model_args.preset, total_steps, world, micro_batch, train_args.gradient_accumulation_steps,
+        global_batch, learning_rate, num_workers, moco.resolve_shuffle_bn(),
+    )  # fmt: skip
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    metrics_path = output_dir / "metrics.jsonl"
+    eval_every_steps = int(train_args.eval_every * steps_per_epoch) if train_args.eval_every else None
+    progress = tqdm(
+        total=total_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="MoCo"
+    )
+
+    def trainer_state() -> dict:
+        return {"completed_steps": completed_steps, "skipped_images": skipped_images, "knn_history": history}
+
+    def checkpoint() -> None:
+        path = save_checkpoint(
+            accelerator, output_dir, completed_steps, trainer_state(), train_args.checkpoints_total_limit
+        )
+        logger.info("Saved checkpoint %s", path)
+
+    model.train()
+    window_start, window_images, window = time.perf_counter(), 0, {"loss": 0.0, "top1": 0.0, "n": 0}
+    data = iter(loader)
+    try:
+        while completed_steps < total_steps:
+            for _ in range(train_args.gradient_accumulation_steps):
+                batch = next(data)
+                skipped_images += batch["skipped"]
+                query = batch["query"].to(accelerator.device, non_blocking=True)
+                key = batch["key"].to(accelerator.device, non_blocking=True)
+                if train_args.channels_last:
+                    query, key = (t.contiguous(memory_format=torch.channels_last) for t in (query, key))
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        output = model(pixel_values=query, key_pixel_values=key)
+                    accelerator.backward(output.loss)
+                    if accelerator.sync_gradients and train_args.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(moco.encoder_q.parameters(), train_args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss = output.loss.item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {loss} at step {completed_steps + 1}; training stopped. The last "
+                        "checkpoint is intact; lower --learning_rate or set --max_grad_norm and resume from it."
+                    )
+                window["loss"] += loss
+                window["top1"] += (output.logits.argmax(dim=1) == output.labels).float().mean().item()
+                window["n"] += 1
+                window_images += query.shape[0] * world
+            completed_steps += 1
+            progress.update(1)
+
+            if completed_steps % train_args.logging_steps == 0 or completed_steps == total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "step": completed_steps,
+                    "epoch": completed_steps / steps_per_epoch,
+                    "loss": window["loss"] / window["n"],
+                    "contrastive_top1": 100.0 * window["top1"] / window["n"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_second": window_images / elapsed,
+                    "queue_fill": min(1.0, completed_steps * global_batch / max(1, config.queue_size)),
+                    "skipped_images": skipped_images,
+                }
+                progress.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    lr=f"{metrics['lr']:.3g}",
+                    img_s=f"{metrics['images_per_second']:.0f}",
+                )
+                accelerator.log(metrics, step=completed_steps)
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as stream_out:
+                        stream_out.write(json.dumps(metrics) + "\n")
+                window_start, window_images, window = time.perf_counter(), 0, {"loss": 0.0, "top1": 0.0, "n": 0}
+
+            if eval_every_steps and completed_steps % eval_every_steps == 0 and completed_steps < total_steps:
+                accuracy = knn(moco)
+                history.append({"step": completed_steps, "knn_top1": accuracy})
+                accelerator.log({"knn_top1": accuracy}, step=completed_steps)
+                logger.info("step %d: kNN top-1 %.2f%%", completed_steps, accuracy)
+            if train_args.checkpointing_steps and completed_steps % train_args.checkpointing_steps == 0:
+                checkpoint()
+    except StopRequested as stop:
+        progress.close()
+        logger.warning("%s received: saving a checkpoint at step %d before exiting.", stop, completed_steps)
+        checkpoint()
+        return 128 + 15
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    progress.close()
+
+    accuracy = knn(moco)
+    history.append({"step": completed_steps, "knn_top1": accuracy})
+    accelerator.log({"knn_top1": accuracy}, step=completed_steps)
+    if not (train_args.checkpointing_steps and completed_steps % train_args.checkpointing_steps == 0):
+        checkpoint()
+    if accelerator.is_main_process:
+        moco.save_pretrained(output_dir / "model")
+        results = {
+            "knn_top1_initial": history[0]["knn_top1"] if history and history[0]["step"] == 0 else None,
+            "knn_top1_final": accuracy,
+            "skipped_images": skipped_images,
+            "steps": completed_steps,
+            "global_batch_size": global_batch,
+        }
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        plot_training_curves(metrics_path, history, output_dir / "training_curves.png")
+        if skipped_images:
+            logger.warning("%d images could not be decoded and were skipped.", skipped_images)
+        initial = results["knn_top1_initial"]
+        print(
+            f"kNN top-1 (k={data_args.knn_k}) on {data_args.eval_split}: "
+            + (f"random init {initial:.2f}% -> " if initial is not None else "")
+            + f"MoCo {accuracy:.2f}% after {completed_steps} steps. Model: {output_dir / 'model'}"
+        )
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
