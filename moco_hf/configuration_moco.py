@@ -77,6 +77,8 @@ class MocoConfig(PretrainedConfig):
             else `"split"`.
         num_splits (`int`, defaults to 8):
             Number of BatchNorm groups of the `"split"` emulation (the official CIFAR demo's `bn_splits`).
+        image_size, image_mean, image_std (defaults 224 and ImageNet's statistics):
+            The preprocessing the encoder was trained with; exported encoders carry it in timm's `pretrained_cfg`.
         augmentation, lr_schedule, base_learning_rate, weight_decay, sgd_momentum:
             The training recipe read by `training/pretrain.py` (`base_learning_rate` is per 256 images and scales
             linearly with the global batch). Stored here so a checkpoint says how it was trained.
@@ -96,6 +98,9 @@ class MocoConfig(PretrainedConfig):
         mlp_hidden_dim: int | None = None,
         shuffle_bn: str = "auto",
         num_splits: int = 8,
+        image_size: int = 224,
+        image_mean: list[float] | tuple[float, ...] = (0.485, 0.456, 0.406),
+        image_std: list[float] | tuple[float, ...] = (0.229, 0.224, 0.225),
         augmentation: str = "v1",
         lr_schedule: str = "step",
         base_learning_rate: float = 0.03,
@@ -113,6 +118,9 @@ class MocoConfig(PretrainedConfig):
         self.mlp_hidden_dim = mlp_hidden_dim
         self.shuffle_bn = shuffle_bn
         self.num_splits = num_splits
+        self.image_size = image_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
         self.augmentation = augmentation
         self.lr_schedule = lr_schedule
         self.base_learning_rate = base_learning_rate
@@ -156,6 +164,11 @@ class MocoConfig(PretrainedConfig):
         )
         _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
         _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
+        _check(_is_int(self.image_size) and self.image_size > 0, "image_size", self.image_size, "a positive integer")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            _check(len(value) == 3 and all(_is_number(v) for v in value), name, value, "3 numbers (one per channel)")
+        _check(all(v > 0 for v in self.image_std), "image_std", self.image_std, "positive numbers")
         _check(self.augmentation in AUGMENTATIONS, "augmentation", self.augmentation, f"one of {AUGMENTATIONS}")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
         for name in ("base_learning_rate", "weight_decay", "sgd_momentum"):

@@ -16,9 +16,11 @@ dictionary.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -307,6 +309,43 @@ class MocoModel(MocoPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=hidden, pooler_output=backbone.forward_head(hidden, pre_logits=True)
         )
+
+    def export_encoder(self, save_directory: str | Path, repo_id: str | None = None, **upload_kwargs) -> Path:
+        """Save the query backbone alone in timm's Hub format, loadable without `moco_hf`.
+
+        The folder holds `config.json` (`architecture`, `num_features`, `pretrained_cfg` with input size, mean and
+        std) and `model.safetensors` (the bare timm state dict), so that `timm.create_model("hf-hub:<repo>",
+        pretrained=True)`, `AutoModel.from_pretrained` (a `TimmWrapperModel`) and the `image-feature-extraction`
+        pipeline all load it. With `repo_id`, the folder is also uploaded to that Hub repo
+        (`upload_kwargs` go to `huggingface_hub.upload_folder`, e.g. `token`).
+        """
+        from timm.models import save_for_hf
+
+        save_directory = Path(save_directory)
+        size = self.config.image_size
+        data_config = {
+            "input_size": (self.config.backbone_kwargs.get("in_chans", 3), size, size),
+            "mean": tuple(self.config.image_mean),
+            "std": tuple(self.config.image_std),
+            "crop_pct": 1.0 if size <= 64 else 0.875,
+            "interpolation": "bicubic",
+        }
+        save_for_hf(self.encoder_q.backbone, save_directory, safe_serialization=True, data_config=data_config)
+        config_path = save_directory / "config.json"
+        config = json.loads(config_path.read_text())
+        # num_classes is a root field already; repeated in model_args it breaks AutoModel ("multiple values").
+        config.get("model_args", {}).pop("num_classes", None)
+        for inherited in ("tag", "hf_hub_id", "url", "file", "origin_url", "paper_ids", "license", "notes"):
+            config["pretrained_cfg"].pop(inherited, None)  # describe timm's weights for this name, not these
+        config_path.write_text(json.dumps(config, indent=2))
+        if repo_id is not None:
+            from huggingface_hub import create_repo, upload_folder
+
+            create_repo(
+                repo_id, exist_ok=True, token=upload_kwargs.get("token"), private=upload_kwargs.pop("private", None)
+            )
+            upload_folder(repo_id=repo_id, folder_path=save_directory, **upload_kwargs)
+        return save_directory
 
     def forward(
         self, pixel_values: torch.Tensor, key_pixel_values: torch.Tensor | None = None, **kwargs

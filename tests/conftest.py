@@ -47,3 +47,50 @@ def cifar_tensor(cifar_images) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
+    """Run training/pretrain.py in a fresh process (or `accelerate launch` with N gloo processes)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1" if processes > 1 else "2"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command = [*launcher, str(REPO_ROOT / "training" / "pretrain.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(cifar_images, tmp_path_factory) -> Path:
+    """A parquet dataset folder in the Hub layout: 2 train shards (200 real CIFAR images, one corrupt file and one
+    grayscale image among them) and 1 test shard (100 images)."""
+    import io
+
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    images, labels = cifar_images
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=10)})
+
+    def png_bytes(image) -> dict:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    train_images = [png_bytes(img) for img in images[:200]]
+    train_images[17] = {"bytes": b"this is not an image", "path": None}
+    train_images[42] = png_bytes(images[42].convert("L"))
+    root = tmp_path_factory.mktemp("small_cifar")
+    (root / "data").mkdir()
+    for shard in range(2):
+        part = slice(shard * 100, (shard + 1) * 100)
+        Dataset.from_dict({"image": train_images[part], "label": labels[:200][part]}, features=features).to_parquet(
+            root / "data" / f"train-0000{shard}-of-00002.parquet"
+        )
+    test = [png_bytes(img) for img in images[200:300]]
+    Dataset.from_dict({"image": test, "label": labels[200:300]}, features=features).to_parquet(
+        root / "data" / "test-00000-of-00001.parquet"
+    )
+    return root

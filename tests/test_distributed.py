@@ -1,0 +1,71 @@
+"""Shuffling BN across 2 real processes (accelerate launch, gloo) against a single-process replay."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_pretrain
+from safetensors.torch import load_file, save_file
+
+from moco_hf import MocoConfig, MocoModel
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_shuffle_matches_single_process_with_the_same_bn_groups(cifar_tensor, tmp_path):
+    steps, global_batch = 3, 16
+    query = cifar_tensor[: steps * global_batch]
+    key = torch.flip(cifar_tensor[1 : steps * global_batch + 1], dims=[3])
+    save_file({"query": query.contiguous(), "key": key.contiguous()}, tmp_path / "images.safetensors")
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([*LAUNCH, str(REPO_ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+
+    # The replay: one process, the whole global batch, 'split' BatchNorm with one group per rank.
+    replay = MocoModel(MocoConfig(backbone="resnet18", queue_size=40, dim=16, momentum=0.9, num_splits=2))
+    replay.load_state_dict(load_file(tmp_path / "initial.safetensors"))
+    replay.train()
+    optimizer = torch.optim.SGD(replay.encoder_q.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        # The queue is the same on both ranks, and holds the keys of both, in rank order, at the pointer.
+        torch.testing.assert_close(ranks[0][f"queue{step}"], ranks[1][f"queue{step}"], atol=0, rtol=0)
+        gathered = torch.cat([ranks[0][f"k{step}"], ranks[1][f"k{step}"]])
+        rows = torch.arange(step * global_batch, (step + 1) * global_batch) % 40
+        torch.testing.assert_close(ranks[0][f"queue{step}"][rows], gathered, atol=0, rtol=0)
+        assert int(ranks[0][f"queue_ptr{step}"]) == int(ranks[1][f"queue_ptr{step}"]) == rows[-1] + 1
+
+        torch.manual_seed(100 + step)  # the same permutation as rank 0 drew and broadcast
+        batch = slice(step * global_batch, (step + 1) * global_batch)
+        out = replay(pixel_values=query[batch], key_pixel_values=key[batch])
+        torch.testing.assert_close(out.k, gathered, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.loss, (ranks[0][f"loss{step}"] + ranks[1][f"loss{step}"]) / 2, atol=1e-5, rtol=0)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(replay.queue, ranks[0][f"queue{steps - 1}"], atol=1e-5, rtol=0)
+
+
+def test_pretrain_script_with_two_processes(small_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_pretrain(
+        "--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "8", "--queue_size", "64",
+        "--dataset_name", str(small_dataset), "--max_train_steps", "4", "--logging_steps", "2",
+        "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "10",
+        "--dataloader_num_workers", "1", "--output_dir", str(out), "--checkpointing_steps", "2",
+        processes=2,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 processes x 8 images x 1 accumulation = 16 per step" in result.stderr
+    assert "shuffle_bn=ddp" in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_4").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    weights = load_file(out / "model" / "model.safetensors")
+    assert int(weights["queue_ptr"]) == (4 * 16) % 64

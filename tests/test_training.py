@@ -1,0 +1,84 @@
+"""training/pretrain.py end to end on real images: streaming or not, bad files, resume, clear errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_pretrain
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import moco_hf
+
+FAST = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16", "--queue_size", "64",
+        "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20", "--logging_steps", "1",
+        "--dataloader_num_workers", "2"]  # fmt: skip
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_trains_and_counts_undecodable_images(small_dataset, tmp_path, streaming):
+    out = tmp_path / "run"
+    args = [*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--max_train_steps", "14"]
+    result = run_pretrain(*args, *(["--streaming"] if streaming else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 14 steps x 16 = 224 images > 199 decodable ones: the corrupt file was met (once) and skipped.
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_images"] == 1 and results["steps"] == 14
+    assert "1 images could not be decoded and were skipped" in result.stderr
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 15))
+    assert metrics[-1]["skipped_images"] == 1 and metrics[-1]["queue_fill"] == 1.0
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert 0 <= results["knn_top1_final"] <= 100 and results["knn_top1_initial"] is not None
+    assert "kNN top-1 (k=20) on test: random init" in result.stdout
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    model = AutoModel.from_pretrained(out / "model")
+    assert isinstance(model, moco_hf.MocoModel) and int(model.queue_ptr) == (14 * 16) % 64
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(small_dataset, tmp_path):
+    common = [*FAST, "--dataset_name", str(small_dataset), "--max_train_steps", "6", "--knn_at_start", "false"]
+    full = run_pretrain(*common, "--output_dir", str(tmp_path / "full"), "--checkpointing_steps", "3")
+    assert full.returncode == 0, full.stderr[-3000:]
+    # The interrupted run: stops after 3 steps, then resumes from its latest checkpoint for 3 more.
+    part = tmp_path / "part"
+    first = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--max_train_steps", "3",
+                         "--knn_at_start", "false", "--output_dir", str(part))  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_pretrain(*common, "--output_dir", str(part), "--resume_from_checkpoint", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resumed from" in second.stderr and "at step 3" in second.stderr
+
+    a, b = tmp_path / "full" / "checkpoints" / "step_6", part / "checkpoints" / "step_6"
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys() and {"queue", "queue_ptr"} <= weights_a.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], atol=1e-6, rtol=0, msg=name)
+    opt_a = torch.load(a / "optimizer.bin", weights_only=True)
+    opt_b = torch.load(b / "optimizer.bin", weights_only=True)
+    for index, state in opt_a["state"].items():
+        torch.testing.assert_close(
+            state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"], atol=1e-6, rtol=0
+        )
+    assert json.loads((b / "trainer_state.json").read_text())["completed_steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset_name", "/no/such/folder"], "could not load --dataset_name '/no/such/folder'"),
+        (["--image_column", "picture"], "--image_column 'picture' is not a column of the dataset"),
+        (["--per_device_train_batch_size", "4096"], "is larger than the dataset (200 images)"),
+    ],
+)
+def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, message):
+    args = [*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(tmp_path), "--max_train_steps", "2"]
+    result = run_pretrain(*args, *extra)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
