@@ -49,8 +49,8 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
-    """Run training/pretrain.py in a fresh process (or `accelerate launch` with N gloo processes)."""
+def launch(script: Path, *args: str, processes: int = 1, timeout: int = 600):
+    """Run a script in a fresh process, or under `accelerate launch` with N gloo processes on the CPU."""
     import subprocess
     import sys
 
@@ -59,8 +59,13 @@ def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
     if processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    command = [*launcher, str(REPO_ROOT / "training" / "pretrain.py"), *args]
+    command = [*launcher, str(script), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+
+
+def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
+    """Run training/pretrain.py in a fresh process (or under `accelerate launch` with N processes)."""
+    return launch(REPO_ROOT / "training" / "pretrain.py", *args, processes=processes, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

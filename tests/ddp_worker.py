@@ -15,7 +15,10 @@ STEPS, PER_RANK = 3, 8
 
 
 def main(workdir: Path) -> None:
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     assert world == 2, world
     torch.manual_seed(0)

@@ -1,17 +1,12 @@
 """Shuffling BN across 2 real processes (accelerate launch, gloo) against a single-process replay."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import REPO_ROOT, run_pretrain
+from conftest import REPO_ROOT, launch, run_pretrain
 from safetensors.torch import load_file, save_file
 
 from moco_hf import MocoConfig, MocoModel
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 pytestmark = pytest.mark.slow
 
 
@@ -20,9 +15,7 @@ def test_ddp_shuffle_matches_single_process_with_the_same_bn_groups(cifar_tensor
     query = cifar_tensor[: steps * global_batch]
     key = torch.flip(cifar_tensor[1 : steps * global_batch + 1], dims=[3])
     save_file({"query": query.contiguous(), "key": key.contiguous()}, tmp_path / "images.safetensors")
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([*LAUNCH, str(REPO_ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)  # fmt: skip
+    result = launch(REPO_ROOT / "tests" / "ddp_worker.py", str(tmp_path), processes=2, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
 

@@ -193,9 +193,14 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
     def _position(self) -> StreamPosition:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The loader takes batch i from worker i % W, so worker w produced these many of the first skip_batches.
-        skip = self.skip_batches // num_workers + (1 if worker < self.skip_batches % num_workers else 0)
-        return StreamPosition(self.rank, worker, num_workers, skip)
+        # The loader takes batch i from worker i % W as that worker's (i // W)-th batch. A resumed loader starts at
+        # worker 0 again, so every worker skips S // W batches and the caller drops the first S % W it receives
+        # (`batches_to_drop`): the stream then goes on exactly where the interrupted run stopped.
+        return StreamPosition(self.rank, worker, num_workers, self.skip_batches // num_workers)
+
+    def batches_to_drop(self, num_workers: int) -> int:
+        """Batches a resumed loader yields first that the interrupted run had already used."""
+        return self.skip_batches % max(1, num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         position = self._position()

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training
 
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.configuration_moco import PRESETS
+from moco_hf.hub import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
 from training.augmentations import IMAGENET_MEAN, IMAGENET_STD, build_two_crops, evaluation_transform
 from training.data import (
     DataError,
@@ -49,11 +50,13 @@ from training.data import (
     shard_for_process,
     usable_workers,
 )
+from training.hub_upload import HubPublisher
 from training.knn import extract_features, knn_accuracy
 from training.plotting import plot_training_curves
 
 logger = logging.getLogger("moco_hf.pretrain")
 CHECKPOINT_PREFIX = "step_"
+HUB_STRATEGIES = ("end", "every_save")
 
 
 @dataclass
@@ -122,20 +125,29 @@ class TrainArguments:
     knn_at_start: bool = field(default=True, metadata={"help": "kNN of the initial (random) encoder first."})
     torch_compile: bool = field(default=False)
     channels_last: bool = field(default=False)
-    push_to_hub: bool = field(default=False)
-    hub_model_id: str | None = field(default=None)
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the model (and its card) to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repo id (default: the output dir's name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo as private."})
+    hub_strategy: str = field(
+        default="end", metadata={"help": "end: push the final model; every_save: also at each checkpoint."}
+    )
 
 
 # ---- setup ------------------------------------------------------------------------------------------------------
 
 
-def build_config(model_args: ModelArguments, train_args: TrainArguments) -> MocoConfig:
+def build_config(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> MocoConfig:
     """The preset's recipe, with every field given on the command line taking precedence."""
     overrides = {
         "backbone": model_args.backbone,
         "backbone_kwargs": json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else {},
         "shuffle_bn": model_args.shuffle_bn,
         "num_splits": model_args.num_splits,
+        # The preprocessing the encoder expects, recorded for exports and model cards.
+        "image_size": data_args.image_size,
+        "image_mean": list(data_args.image_mean),
+        "image_std": list(data_args.image_std),
     }
     for name in ("dim", "queue_size", "momentum", "softmax_temperature", "mlp"):
         if getattr(model_args, name) is not None:
@@ -297,6 +309,9 @@ class StopRequested(Exception):
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> int:
     output_dir = Path(train_args.output_dir)
     accelerator = Accelerator(
+        # With no accelerator, `accelerate launch --multi_gpu` processes form a gloo group only if told they are on
+        # the CPU; otherwise each would train alone.
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
         log_with=train_args.report_to if train_args.with_tracking else None,
@@ -309,10 +324,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     set_seed(train_args.seed)
-    config = build_config(model_args, train_args)
+    config = build_config(model_args, data_args, train_args)
+    if train_args.hub_strategy not in HUB_STRATEGIES:
+        raise DataError(f"--hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}.")
+    publisher = None
+    if train_args.push_to_hub and accelerator.is_main_process:
+        repo_id = train_args.hub_model_id or output_dir.resolve().name
+        publisher = HubPublisher(repo_id, train_args.hub_token, train_args.hub_private_repo)
 
     # -- data
     dataset_name = data_args.dataset_name or default_dataset_name()
+    card_dataset = data_args.dataset_name or "uoft-cs/cifar10"  # the default data is a copy of this Hub dataset
     train_set = load_image_dataset(
         dataset_name, data_args.train_split, data_args.streaming, data_args.dataset_config_name
     )
@@ -362,7 +384,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     moco: MocoModel = accelerator.unwrap_model(model)
 
     # -- resume
-    completed_steps, skipped_images, history = 0, 0, []
+    completed_steps, skipped_images, history, trained_seconds = 0, 0, [], 0.0
     if train_args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, output_dir)
         if checkpoint is None:
@@ -371,6 +393,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             accelerator.load_state(str(checkpoint))
             state = json.loads((checkpoint / "trainer_state.json").read_text())
             completed_steps, skipped_images = state["completed_steps"], state["skipped_images"]
+            trained_seconds = state.get("training_seconds", 0.0)
             history = state.get("knn_history", [])
             logger.info("Resumed from %s at step %d.", checkpoint, completed_steps)
 
@@ -419,18 +442,61 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         total=total_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="MoCo"
     )
 
+    session_start = time.perf_counter()
+
+    def training_seconds() -> float:
+        return trained_seconds + time.perf_counter() - session_start
+
     def trainer_state() -> dict:
-        return {"completed_steps": completed_steps, "skipped_images": skipped_images, "knn_history": history}
+        return {
+            "completed_steps": completed_steps,
+            "skipped_images": skipped_images,
+            "knn_history": history,
+            "training_seconds": training_seconds(),
+        }
+
+    def save_model(folder: Path) -> None:
+        """`save_pretrained` plus a model card with the run's settings and results so far."""
+        moco.save_pretrained(folder)
+        results = [
+            EvaluationResult(f"kNN top-1 (k={data_args.knn_k}, T={data_args.knn_temperature})",
+                             card_dataset, data_args.eval_split, history[-1]["knn_top1"])
+        ] if history and history[-1]["step"] > 0 else []  # fmt: skip
+        summary = TrainingSummary(
+            dataset=card_dataset,
+            hyperparameters={
+                "steps": completed_steps,
+                "epochs": round(completed_steps / steps_per_epoch, 2),
+                "global batch size": global_batch,
+                "optimizer": f"SGD (momentum {config.sgd_momentum}, weight decay {config.weight_decay})",
+                "learning rate": f"{learning_rate:.4g} ({config.lr_schedule} schedule)",
+                "crop size": data_args.image_size,
+                "mixed precision": accelerator.mixed_precision,
+            },
+            results=results,
+            training_time=f"{training_seconds() / 60:.1f} min",
+            hardware=describe_hardware(world, accelerator.device),
+            skipped_images=skipped_images,
+        )
+        render_model_card(config, publisher.repo_id if publisher else folder.name, "model", summary).save(
+            folder / "README.md"
+        )
 
     def checkpoint() -> None:
         path = save_checkpoint(
             accelerator, output_dir, completed_steps, trainer_state(), train_args.checkpoints_total_limit
         )
         logger.info("Saved checkpoint %s", path)
+        if publisher is not None and train_args.hub_strategy == "every_save":
+            snapshot = output_dir / f".hub-upload-{path.name}"  # uploads read it while training goes on
+            save_model(snapshot)
+            publisher.upload(snapshot, f"Training in progress, step {completed_steps}", remove_after=True)
 
     model.train()
     window_start, window_images, window = time.perf_counter(), 0, {"loss": 0.0, "top1": 0.0, "n": 0}
     data = iter(loader)
+    for _ in range(batches.batches_to_drop(num_workers)):
+        next(data)
     try:
         while completed_steps < total_steps:
             for _ in range(train_args.gradient_accumulation_steps):
@@ -508,7 +574,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if not (train_args.checkpointing_steps and completed_steps % train_args.checkpointing_steps == 0):
         checkpoint()
     if accelerator.is_main_process:
-        moco.save_pretrained(output_dir / "model")
+        save_model(output_dir / "model")
+        if publisher is not None:
+            publisher.upload(output_dir / "model", f"End of training, step {completed_steps}")
         results = {
             "knn_top1_initial": history[0]["knn_top1"] if history and history[0]["step"] == 0 else None,
             "knn_top1_final": accuracy,
@@ -521,6 +589,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if skipped_images:
             logger.warning("%d images could not be decoded and were skipped.", skipped_images)
         initial = results["knn_top1_initial"]
+        if publisher is not None and publisher.finish():
+            print(f"Pushed to the Hub: {publisher.repo_id}")
         print(
             f"kNN top-1 (k={data_args.knn_k}) on {data_args.eval_split}: "
             + (f"random init {initial:.2f}% -> " if initial is not None else "")

@@ -1,0 +1,213 @@
+"""Publishing against a real HTTP server on 127.0.0.1 speaking the Hub API (tests/hub_server.py), model cards, and
+conversion of official facebookresearch/moco checkpoints."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import REPO_ROOT, launch, run_pretrain
+from hub_server import start_hub_server
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from safetensors.torch import load_file
+
+from moco_hf import MocoConfig, MocoModel
+from moco_hf.cli import main as moco_hf_cli
+from moco_hf.hub import EvaluationResult, TrainingSummary, render_model_card
+
+ROUNDTRIP = REPO_ROOT / "tests" / "hub_roundtrip.py"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local Hub; subprocesses started by the test talk to it (HF_ENDPOINT is read when huggingface_hub loads)."""
+    server, state, endpoint = start_hub_server()
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # a cache of this server's files only
+    yield state
+    server.shutdown()
+
+
+def card_of(state, repo: str) -> ModelCard:
+    return ModelCard(state.repos[repo]["README.md"].decode())
+
+
+@pytest.mark.slow
+def test_push_then_load_with_auto_model_timm_pipeline_and_remote_code(hub, cifar_images, tmp_path):
+    for i, image in enumerate(cifar_images[0][:6]):
+        image.save(tmp_path / f"image_{i}.png")
+    printed = ""
+    for mode in ("push", "load", "remote"):
+        result = launch(ROUNDTRIP, mode, str(tmp_path), timeout=300)
+        assert result.returncode == 0, f"{mode}: {result.stderr[-3000:]}"
+        printed += result.stdout
+    full, encoder = hub.repos["tester/moco-resnet18"], hub.repos["tester/moco-resnet18-encoder"]
+    assert {"config.json", "model.safetensors", "configuration_moco.py", "modeling_moco.py"} <= set(full)
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in [*full, *encoder])
+    assert json.loads(encoder["config.json"])["architecture"] == "resnet18"
+    for path in ("AutoModel (moco_hf)", "timm hf-hub", "AutoModel (TimmWrapper)", "pipeline", "trust_remote_code"):
+        assert f"{path}: same features" in printed
+
+
+FAST = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16", "--queue_size", "64",
+        "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20", "--logging_steps", "1",
+        "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
+                          "--hub_model_id", "tester/cifar-moco", "--hub_strategy", "every_save")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Pushed to the Hub: tester/cifar-moco" in result.stdout
+    commits = [r for r in hub.requests if r.startswith("POST /api/models/tester/cifar-moco/commit")]
+    assert len(commits) == 3  # checkpoints at steps 2 and 4, then the final model
+    repo = hub.repos["tester/cifar-moco"]
+    weights = load_file(out / "model" / "model.safetensors")
+    assert repo["model.safetensors"] == (out / "model" / "model.safetensors").read_bytes()
+    assert int(weights["queue_ptr"]) == (4 * 16) % 64
+    assert not list(out.glob(".hub-upload-*"))  # snapshots are removed once uploaded
+
+    # The card shows this run's real values and metrics, and its metadata parses as the Hub's.
+    card = card_of(hub, "tester/cifar-moco")
+    results = json.loads((out / "results.json").read_text())
+    final_knn = results["knn_top1_final"]
+    assert card.data.pipeline_tag == "image-feature-extraction" and card.data.library_name == "transformers"
+    assert {"moco", "self-supervised", "timm"} <= set(card.data.tags)
+    (evaluation,) = card.data.eval_results
+    assert evaluation.metric_value == pytest.approx(round(final_knn, 2)) and evaluation.dataset_split == "test"
+    assert "| queue size K | 64 |" in card.text and "| steps | 4 |" in card.text
+    assert "| global batch size | 16 |" in card.text and f"{results['skipped_images']} images could not be decoded" in card.text
+    assert f"{round(final_knn, 2):.2f}%" in card.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["server error", "unreachable"])
+def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_path, monkeypatch, failure):
+    strategy = "every_save"
+    if failure == "server error":
+        hub.fail_commits = True
+        strategy = "end"  # huggingface_hub retries a 500 for ~25 s: one failing upload is enough
+    else:
+        with socket.socket() as closed:  # a port nobody listens on
+            closed.bind(("127.0.0.1", 0))
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
+                          "--hub_model_id", "tester/failing", "--hub_strategy", strategy)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Pushing to the Hub repo tester/failing failed") == 1
+    assert "training goes on" in result.stderr
+    assert "Pushed to the Hub" not in result.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert MocoModel.from_pretrained(out / "model").config.queue_size == 64
+    assert "kNN top-1" in result.stdout
+
+
+def test_model_card_metadata_and_content():
+    config = MocoConfig.from_preset("v1", backbone="resnet18", queue_size=4096, image_size=32)
+    summary = TrainingSummary(
+        dataset="uoft-cs/cifar10",
+        hyperparameters={"steps": 400, "global batch size": 128},
+        results=[EvaluationResult("kNN top-1 (k=200, T=0.1)", "uoft-cs/cifar10", "test", 41.234)],
+        training_time="7.5 min",
+        hardware="1 x CPU",
+        skipped_images=0,
+    )
+    card = render_model_card(config, "someone/moco-v1-r18", kind="encoder", summary=summary)
+    metadata = yaml.safe_load(str(card).split("---")[1])
+    assert metadata["license"] == "apache-2.0" and metadata["library_name"] == "timm"
+    assert metadata["datasets"] == ["uoft-cs/cifar10"] and "moco-v1" in metadata["tags"]
+    # `model-index` is what the Hub parses into evaluation results: it must convert back.
+    model_name, results = model_index_to_eval_results(metadata["model-index"])
+    assert model_name == "moco-v1-r18" and results[0].metric_value == 41.23 and results[0].metric_type == "accuracy"
+    expected = [
+        "MoCo v1",
+        "| queue size K | 4096 |",
+        "| key encoder momentum m | 0.999 |",
+        "41.23%",
+        "7.5 min",
+        'timm.create_model("hf-hub:someone/moco-v1-r18", pretrained=True)',
+        'pipeline("image-feature-extraction"',
+        "Momentum Contrast for Unsupervised Visual Representation Learning",
+    ]
+    for text in expected:
+        assert text in card.text, text
+
+
+# ---- conversion of official checkpoints ------------------------------------------------------------------------
+
+
+def official_checkpoint(mlp: bool) -> tuple[dict, torchvision.models.ResNet]:
+    """A checkpoint in the layout of facebookresearch/moco's main_moco.py, built from torchvision's resnet50."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50()
+    for module in reference.modules():  # non-trivial BN statistics, so eval-mode features test them too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+    head = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 128)) if mlp \
+        else torch.nn.Linear(2048, 128)  # fmt: skip
+    reference.fc = head
+    state = {}
+    for encoder in ("encoder_q", "encoder_k"):
+        for key, value in reference.state_dict().items():
+            offset = 0.01 if encoder == "encoder_k" and value.is_floating_point() else 0  # k differs from q
+            state[f"module.{encoder}.{key}"] = value.clone() + offset
+    state["module.queue"] = torch.nn.functional.normalize(torch.randn(128, 256), dim=0)
+    state["module.queue_ptr"] = torch.tensor([96])
+    optimizer = {"state": {}, "param_groups": []}
+    return {"epoch": 200, "arch": "resnet50", "state_dict": state, "optimizer": optimizer}, reference
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_convert_official_checkpoint_gives_torchvision_features(tmp_path, cifar_tensor, mlp, capsys):
+    checkpoint, reference = official_checkpoint(mlp)
+    torch.save(checkpoint, tmp_path / "official.pth.tar")
+    assert moco_hf_cli(["convert", str(tmp_path / "official.pth.tar"), str(tmp_path / "converted")]) == 0
+    model = MocoModel.from_pretrained(tmp_path / "converted").eval()
+    assert model.config.mlp == mlp and model.config.queue_size == 256 and int(model.queue_ptr) == 96
+    torch.testing.assert_close(model.queue, checkpoint["state_dict"]["module.queue"].T, atol=0, rtol=0)
+
+    images = torch.nn.functional.interpolate(cifar_tensor[:4], size=64)
+    reference.eval()
+    with torch.no_grad():
+        ours = model.get_image_features(images).pooler_output
+        head = reference.fc
+        reference.fc = torch.nn.Identity()
+        theirs = reference(images)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encoder_q.head(ours), head(theirs), atol=1e-5, rtol=0)
+
+    # And back: the official layout again, tensor for tensor.
+    assert (
+        moco_hf_cli(["convert", str(tmp_path / "converted"), str(tmp_path / "back.pth.tar"), "--to", "official"]) == 0
+    )
+    back = torch.load(tmp_path / "back.pth.tar", weights_only=True)["state_dict"]
+    original = checkpoint["state_dict"]
+    assert set(back) == set(original)
+    for key, value in original.items():
+        torch.testing.assert_close(back[key], value, atol=0, rtol=0, msg=key)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_convert_refuses_a_pickle_that_runs_code(tmp_path, capsys):
+    payload = RunsCode()
+    payload.marker = tmp_path / "pwned"
+    torch.save({"state_dict": payload}, tmp_path / "evil.pth.tar")
+    assert moco_hf_cli(["convert", str(tmp_path / "evil.pth.tar"), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "refused" in error and "weights_only" in error
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
