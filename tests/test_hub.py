@@ -84,7 +84,10 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
     (evaluation,) = card.data.eval_results
     assert evaluation.metric_value == pytest.approx(round(final_knn, 2)) and evaluation.dataset_split == "test"
     assert "| queue size K | 64 |" in card.text and "| steps | 4 |" in card.text
-    assert "| global batch size | 16 |" in card.text and f"{results['skipped_images']} images could not be decoded" in card.text
+    assert (
+        "| global batch size | 16 |" in card.text
+        and f"{results['skipped_images']} images could not be decoded" in card.text
+    )
     assert f"{round(final_knn, 2):.2f}%" in card.text
 
 

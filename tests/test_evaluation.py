@@ -1,0 +1,98 @@
+"""kNN and linear evaluation: the classifiers on features with known answers, and the commands on real images."""
+
+import json
+
+import pytest
+import torch
+from conftest import REPO_ROOT, launch
+
+from moco_hf import MocoConfig, MocoModel
+from training.knn import knn_accuracy
+from training.linear_eval import LinearArguments, top_k_accuracies, train_linear_classifier
+
+NUM_CLASSES = 10
+
+
+def separable(n: int, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class a tight cluster around its own orthogonal direction."""
+    labels = torch.arange(n) % NUM_CLASSES
+    features = torch.eye(dim)[labels] + 0.05 * torch.randn(n, dim)
+    return torch.nn.functional.normalize(features, dim=1), labels
+
+
+def unrelated(n: int, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features that carry no information about the labels."""
+    return torch.nn.functional.normalize(torch.randn(n, dim), dim=1), torch.randint(0, NUM_CLASSES, (n,))
+
+
+def test_knn_is_perfect_on_separable_features_and_chance_on_unrelated_ones():
+    bank, bank_labels = separable(1000)
+    queries, query_labels = separable(500)
+    assert knn_accuracy(bank, bank_labels, queries, query_labels, NUM_CLASSES, k=200, temperature=0.1) == 100.0
+    bank, bank_labels = unrelated(5000)
+    queries, query_labels = unrelated(5000)
+    chance = knn_accuracy(bank, bank_labels, queries, query_labels, NUM_CLASSES, k=200, temperature=0.1)
+    assert abs(chance - 10.0) < 2.0  # 5000 queries: the standard error of 10% is 0.42%
+
+
+def test_knn_votes_by_hand():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    # k=2: neighbours 0 (sim 1, class 0) and 1 (sim 0.9939, class 1); class 0 wins by exp(1/T) > exp(0.994/T).
+    assert knn_accuracy(bank, labels, query, torch.tensor([0]), 2, k=2, temperature=0.1) == 100.0
+    # k=3 adds neighbour 2 (sim 0, class 1): exp(9.939) + exp(0) = 20754 < exp(10) = 22026: still 0.
+    assert knn_accuracy(bank, labels, query, torch.tensor([0]), 2, k=3, temperature=0.1) == 100.0
+    # T=1 flattens the weights: e^1 = 2.72 < e^0.9939 + e^0 = 3.70, so class 1 wins.
+    assert knn_accuracy(bank, labels, query, torch.tensor([1]), 2, k=3, temperature=1.0) == 100.0
+
+
+def test_linear_probe_is_perfect_on_separable_features_and_chance_on_unrelated_ones():
+    args = LinearArguments(epochs=20)
+    train, train_labels = separable(1000)
+    test, test_labels = separable(500)
+    classifier = train_linear_classifier(train, train_labels, NUM_CLASSES, args)
+    assert top_k_accuracies(classifier, test, test_labels) == {"top1": 100.0, "top5": 100.0}
+    train, train_labels = unrelated(5000)
+    test, test_labels = unrelated(5000)
+    accuracy = top_k_accuracies(train_linear_classifier(train, train_labels, NUM_CLASSES, args), test, test_labels)
+    assert abs(accuracy["top1"] - 10.0) < 2.0 and abs(accuracy["top5"] - 50.0) < 3.0
+
+
+@pytest.fixture(scope="module")
+def random_moco(tmp_path_factory):
+    """A freshly initialised MocoModel saved as a folder, with CIFAR preprocessing."""
+    folder = tmp_path_factory.mktemp("moco") / "model"
+    cifar = {"image_size": 32, "image_mean": [0.4913, 0.4821, 0.4465], "image_std": [0.2452, 0.2428, 0.2606]}
+    config = MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, **cifar)
+    MocoModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("script", ["knn_eval", "linear_eval"])
+@pytest.mark.parametrize("exported", [False, True], ids=["moco_model", "timm_export"])
+def test_evaluation_commands_on_real_images(script, exported, random_moco, small_dataset, tmp_path):
+    model = random_moco
+    if exported:
+        model = MocoModel.from_pretrained(random_moco).export_encoder(tmp_path / "encoder")
+    out = tmp_path / "eval"
+    # Evaluated on its own training split, a classifier must be perfect: each image is its own nearest neighbour
+    # (k=1), and 199 images in 512 dimensions are linearly separable.
+    args = ["--model_name_or_path", str(model), "--dataset_name", str(small_dataset), "--output_dir", str(out),
+            "--eval_split", "train", *(["--knn_k", "1"] if script == "knn_eval" else ["--epochs", "200"])]  # fmt: skip
+    result = launch(REPO_ROOT / "training" / f"{script}.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / f"{script.split('_')[0]}_results.json").read_text())
+    assert results["train_samples"] == results["eval_samples"] == 199  # the corrupt image is left out
+    accuracy = results["knn_top1"] if script == "knn_eval" else results["linear_top1"]
+    assert accuracy == 100.0
+    assert len(list((out / "features").glob("*.safetensors"))) == 1  # one split, extracted once, cached
+
+    # The test split next: its features are extracted, the training split's come from the cache.
+    args[args.index("--eval_split") + 1] = "test"
+    test_run = launch(REPO_ROOT / "training" / f"{script}.py", *args)
+    assert test_run.returncode == 0, test_run.stderr[-3000:]
+    assert json.loads((out / f"{script.split('_')[0]}_results.json").read_text())["eval_samples"] == 100
+    assert len(list((out / "features").glob("*.safetensors"))) == 2
+    assert "Extracted 100 features of split 'test'" in test_run.stderr
+    assert "of split 'train'" not in test_run.stderr
