@@ -210,8 +210,13 @@ class MocoModel(MocoPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> MocoModel:
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MocoModel:
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            if "mismatched" not in str(error):
+                raise
+            raise ValueError(_shape_mismatch_message(pretrained_model_name_or_path, kwargs)) from error
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
         return model
 
@@ -407,3 +412,26 @@ class MocoModel(MocoPreTrainedModel):
                 f"{name} must have {channels} channels (the backbone's in_chans), got {images.shape[1]} in shape "
                 f"{tuple(images.shape)}; convert images to RGB first (or set backbone_kwargs['in_chans'])."
             )
+
+
+def _shape_mismatch_message(name_or_path: str | Path, kwargs: dict) -> str:
+    """Which config.json field disagrees with the checkpoint's tensors, read from the safetensors header."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    config = kwargs.get("config") or MocoConfig.from_pretrained(name_or_path)
+    with safe_open(cached_file(name_or_path, "model.safetensors"), framework="pt") as checkpoint:
+        stored_queue_size, stored_dim = checkpoint.get_slice("queue").get_shape()
+    fields = [
+        f"{field}={value} in config.json but {stored} in the weights"
+        for field, value, stored in (
+            ("queue_size", config.queue_size, stored_queue_size),
+            ("dim", config.dim, stored_dim),
+        )
+        if value != stored
+    ]
+    return (
+        f"the checkpoint in {name_or_path} does not match its config: "
+        + ("; ".join(fields) if fields else "check `backbone`, `backbone_kwargs`, `mlp` and `mlp_hidden_dim`")
+        + "."
+    )

@@ -49,9 +49,8 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def launch(script: Path, *args: str, processes: int = 1, timeout: int = 600):
-    """Run a script in a fresh process, or under `accelerate launch` with N gloo processes on the CPU."""
-    import subprocess
+def command_and_env(script: Path, *args: str, processes: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The command line (a fresh Python, or `accelerate launch` with N gloo processes on the CPU) and environment."""
     import sys
 
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1" if processes > 1 else "2"}
@@ -59,13 +58,27 @@ def launch(script: Path, *args: str, processes: int = 1, timeout: int = 600):
     if processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    command = [*launcher, str(script), *args]
+    return [*launcher, str(script), *args], env
+
+
+def launch(script: Path, *args: str, processes: int = 1, timeout: int = 600):
+    """Run a script to completion in a fresh process (or N processes); returns the CompletedProcess."""
+    import subprocess
+
+    command, env = command_and_env(script, *args, processes=processes)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+
+
+PRETRAIN = REPO_ROOT / "training" / "pretrain.py"
+# A tiny but real pretraining: ResNet-18 on 32x32 images, 16 per batch, a 64-key queue, a small kNN monitor.
+FAST_TRAINING = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16",
+                 "--queue_size", "64", "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20",
+                 "--logging_steps", "1", "--dataloader_num_workers", "2"]  # fmt: skip
 
 
 def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
     """Run training/pretrain.py in a fresh process (or under `accelerate launch` with N processes)."""
-    return launch(REPO_ROOT / "training" / "pretrain.py", *args, processes=processes, timeout=timeout)
+    return launch(PRETRAIN, *args, processes=processes, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

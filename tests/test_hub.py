@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import REPO_ROOT, launch, run_pretrain
+from conftest import FAST_TRAINING, REPO_ROOT, launch, run_pretrain
 from hub_server import start_hub_server
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -55,9 +55,7 @@ def test_push_then_load_with_auto_model_timm_pipeline_and_remote_code(hub, cifar
         assert f"{path}: same features" in printed
 
 
-FAST = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16", "--queue_size", "64",
-        "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20", "--logging_steps", "1",
-        "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]  # fmt: skip
+FAST = [*FAST_TRAINING, "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]
 
 
 @pytest.mark.slow

@@ -5,15 +5,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import FAST_TRAINING as FAST
 from conftest import run_pretrain
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 import moco_hf
-
-FAST = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16", "--queue_size", "64",
-        "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20", "--logging_steps", "1",
-        "--dataloader_num_workers", "2"]  # fmt: skip
 
 
 def read_jsonl(path):

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -91,8 +91,15 @@ def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tupl
     """L2-normalised features (N, F) and labels (N,) of `split`, from the cache when these settings made it."""
     limit = args.max_train_samples if split == args.train_split else args.max_eval_samples
     dataset_name = args.dataset_name or default_dataset_name()
-    key = {**asdict(args), "dataset_name": dataset_name, "split": split, "limit": limit}
-    key |= {"model_files": _fingerprint(args.model_name_or_path)}
+    # Everything that changes this split's features, and nothing else (the other split may change freely).
+    key = {
+        "dataset_name": dataset_name,
+        "split": split,
+        "limit": limit,
+        "model_files": _fingerprint(args.model_name_or_path),
+    }
+    key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "dataset_config_name",
+                                                   "image_column", "label_column")}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = Path(args.output_dir) / "features" / f"{split}-{digest}.safetensors"
     if cache.is_file():

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import load as accelerate_load
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -190,29 +192,102 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict, limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, model: MocoModel, output_dir: Path, step: int, state: dict, limit: int | None
+) -> Path:
     """Accelerate state (model with queue and key encoder, optimizer, scheduler, RNG) plus `trainer_state.json`.
 
     Written into a temporary folder and renamed when complete, so a killed save never looks like a checkpoint.
     """
     final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     staging = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process:
+    bad = non_finite_tensors(model)
+    if bad:
+        raise FloatingPointError(
+            f"the weights became non-finite at step {step} ({bad[0]} and {len(bad) - 1} more); nothing was saved "
+            "over the last good checkpoint. Lower --learning_rate or set --max_grad_norm and resume from it."
+        )
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            if limit is not None:
+                for old in checkpoint_dirs(output_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+    except Exception as error:  # disk full, quota, permissions (OSError, SafetensorError...): earlier ones intact
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if limit is not None:
-            for old in checkpoint_dirs(output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        raise RunError(
+            f"could not write checkpoint {final.name} in {final.parent}: {_first_line(error)}. Earlier "
+            "checkpoints are intact; free some space (or lower --checkpoints_total_limit) and resume with "
+            "--resume_from_checkpoint latest."
+        ) from error
     accelerator.wait_for_everyone()
     return final
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers (queue included) holding NaN or Inf."""
+    return [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+
+
+def check_output_dir(output_dir: Path, model: torch.nn.Module) -> None:
+    """Fail before training when the output folder cannot be written or cannot hold one checkpoint."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"--output_dir {str(output_dir)!r} is not writable: {error.strerror or error}.") from error
+    # A checkpoint holds every tensor of the model, plus SGD's momentum for the query encoder's parameters.
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = model_bytes + sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise DataError(
+            f"--output_dir {str(output_dir)!r} has {free / 2**20:.0f} MiB free, but one checkpoint needs about "
+            f"{needed / 2**20:.0f} MiB; free some space or choose another folder."
+        )
+
+
+def refuse_unsafe_pickles(checkpoint: Path) -> None:
+    """Open every pickle of a checkpoint with `weights_only=True` before Accelerate does.
+
+    Accelerate loads them the same way, but it silently skips RNG states it cannot read (the resume would then not
+    be exact); here any file that needs code to unpickle stops the run with an explanation.
+    """
+    for path in sorted([*checkpoint.glob("*.pkl"), *checkpoint.glob("*.bin")]):
+        try:
+            accelerate_load(path, map_location="cpu")  # weights_only=True, numpy RNG states allowed
+        except pickle.UnpicklingError as error:
+            raise DataError(
+                f"{path} is a pickle that would import or run code, so it was refused (only tensors and plain "
+                f"values are loaded from checkpoints): {str(error).splitlines()[0]}"
+            ) from error
+
+
+def remove_incomplete_checkpoints(output_dir: Path) -> None:
+    """Staging folders left by a run killed while saving: never complete, never resumed from."""
+    for staging in (output_dir / "checkpoints").glob(".tmp-*"):
+        logger.warning("Removing %s, an incomplete checkpoint of an interrupted run.", staging)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_checkpoint(value: str, output_dir: Path) -> Path | None:
@@ -297,13 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:
+    except (FloatingPointError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
 
-class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived: save a checkpoint and exit."""
+class RunError(RuntimeError):
+    """The run cannot go on (disk full, unreadable checkpoint); the message says what to do."""
+
+
+class StopRequested(BaseException):
+    """SIGTERM/SIGINT arrived: save a checkpoint and exit (a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it)."""
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> int:
@@ -380,6 +460,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.torch_compile:
         model.encoder_q.backbone.compile()
         model.encoder_k.backbone.compile()
+    if accelerator.is_main_process:
+        check_output_dir(output_dir, model)
+        remove_incomplete_checkpoints(output_dir)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     moco: MocoModel = accelerator.unwrap_model(model)
 
@@ -390,6 +473,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         if checkpoint is None:
             logger.info("No checkpoint in %s yet: starting from scratch.", output_dir / "checkpoints")
         else:
+            refuse_unsafe_pickles(checkpoint)
             accelerator.load_state(str(checkpoint))
             state = json.loads((checkpoint / "trainer_state.json").read_text())
             completed_steps, skipped_images = state["completed_steps"], state["skipped_images"]
@@ -457,7 +541,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     def save_model(folder: Path) -> None:
         """`save_pretrained` plus a model card with the run's settings and results so far."""
-        moco.save_pretrained(folder)
+        try:
+            moco.save_pretrained(folder)
+        except Exception as error:  # OSError, SafetensorError: the disk is full or not writable
+            raise RunError(
+                f"could not write the model to {folder}: {_first_line(error)}. The checkpoints are intact; "
+                "free some space and resume with --resume_from_checkpoint latest to save it."
+            ) from error
         results = [
             EvaluationResult(f"kNN top-1 (k={data_args.knn_k}, T={data_args.knn_temperature})",
                              card_dataset, data_args.eval_split, history[-1]["knn_top1"])
@@ -484,7 +574,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     def checkpoint() -> None:
         path = save_checkpoint(
-            accelerator, output_dir, completed_steps, trainer_state(), train_args.checkpoints_total_limit
+            accelerator, moco, output_dir, completed_steps, trainer_state(), train_args.checkpoints_total_limit
         )
         logger.info("Saved checkpoint %s", path)
         if publisher is not None and train_args.hub_strategy == "every_save":
@@ -559,14 +649,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             if train_args.checkpointing_steps and completed_steps % train_args.checkpointing_steps == 0:
                 checkpoint()
     except StopRequested as stop:
-        progress.close()
         logger.warning("%s received: saving a checkpoint at step %d before exiting.", stop, completed_steps)
         checkpoint()
-        return 128 + 15
+        return 128 + int(getattr(signal.Signals, str(stop)))
     finally:
+        progress.close()  # so that an error message starts on its own line
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    progress.close()
 
     accuracy = knn(moco)
     history.append({"step": completed_steps, "knn_top1": accuracy})

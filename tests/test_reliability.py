@@ -1,0 +1,349 @@
+"""Fault injection on real files and real processes: kills, signals, bad images, NaN, untrusted pickles, disk."""
+
+import io
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import FAST_TRAINING, PRETRAIN, REPO_ROOT, command_and_env, run_pretrain
+from PIL import Image
+from safetensors.torch import load_file
+
+from moco_hf import MocoConfig, MocoModel
+from training.data import decode_image
+from training.pretrain import non_finite_tensors, save_checkpoint
+
+
+def start_pretrain(*args: str) -> subprocess.Popen:
+    """training/pretrain.py in its own process group (so a kill also takes its DataLoader workers)."""
+    command, env = command_and_env(PRETRAIN, *args)
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    return sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name[5:])) if root.is_dir() else []
+
+
+def assert_loadable(checkpoint: Path) -> None:
+    """A complete checkpoint: trainer state, finite safetensors weights, an optimizer state loadable safely."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["completed_steps"] == int(checkpoint.name[5:])
+    weights = load_file(checkpoint / "model.safetensors")
+    assert {"queue", "queue_ptr"} <= weights.keys()
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    torch.load(checkpoint / "optimizer.bin", weights_only=True)
+
+
+def one_line_error(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+# ---- 1. kill and resume -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_and_mid_save_then_resume_matches_an_uninterrupted_run(small_dataset, tmp_path):
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--max_train_steps", "8",
+            "--checkpointing_steps", "1", "--knn_at_start", "false"]  # fmt: skip
+    reference = run_pretrain(*args, "--output_dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out, rng = tmp_path / "killed", random.Random(0)
+    caught_mid_save = 0
+    for target in ("mid-save", "mid-step", "mid-save", "mid-step"):
+        process = start_pretrain(*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+        known = len(complete_checkpoints(out))
+        deadline, kill_at = time.monotonic() + 120, None
+        while process.poll() is None and time.monotonic() < deadline:
+            if target == "mid-save" and list((out / "checkpoints").glob(".tmp-*")):
+                break
+            if target == "mid-step" and len(complete_checkpoints(out)) > known:
+                kill_at = kill_at or time.monotonic() + rng.uniform(0.05, 0.6)  # somewhere in the next step
+                if time.monotonic() >= kill_at:
+                    break
+            time.sleep(0.002)
+        if process.poll() is not None:
+            break  # the run finished before this kill
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        caught_mid_save += target == "mid-save" and bool(list((out / "checkpoints").glob(".tmp-*")))
+        for checkpoint in complete_checkpoints(out):
+            assert_loadable(checkpoint)
+    assert caught_mid_save >= 1  # a save really was interrupted half-written
+
+    final = run_pretrain(*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written save was removed, never resumed
+    ours, theirs = (
+        load_file(out / "model" / "model.safetensors"),
+        load_file(tmp_path / "reference/model/model.safetensors"),
+    )
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_save_a_checkpoint_before_exiting(small_dataset, tmp_path, signum):
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_at_start", "false"]
+    process = start_pretrain(*args, "--max_train_steps", "500", "--output_dir", str(out))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert f"{signal.Signals(signum).name} received: saving a checkpoint" in stderr
+    (checkpoint,) = complete_checkpoints(out)
+    assert_loadable(checkpoint)
+    steps = int(checkpoint.name[5:])
+    assert steps >= 2
+    resumed = run_pretrain(*args, "--max_train_steps", str(steps + 2), "--output_dir", str(out),
+                           "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {steps}" in resumed.stderr
+
+
+# ---- 2. bad images ----------------------------------------------------------------------------------------------
+
+
+def png_with_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's signature) and holds no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_files(cifar_images) -> dict[str, tuple[str, bytes]]:
+    """name -> (file suffix, bytes), built from a real CIFAR image."""
+    photo = cifar_images[0][3].resize((64, 64))
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    sixteen_bit = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)  # mode I;16
+    jpeg = encoded(photo, "JPEG", quality=95)
+    return {
+        "truncated_jpeg": (".jpg", jpeg[: len(jpeg) // 2]),
+        "zero_bytes": (".jpg", b""),
+        "text_named_png": (".png", b"this is a text file, not a PNG\n"),
+        "cmyk_jpeg": (".jpg", encoded(photo.convert("CMYK"), "JPEG", quality=95)),
+        "png_16bit": (".png", encoded(sixteen_bit, "PNG")),
+        "palette_with_transparency": (".png", encoded(palette, "PNG")),
+        "one_pixel": (".png", encoded(photo.resize((1, 1)), "PNG")),
+        "much_larger_than_crop": (".jpg", encoded(photo.resize((2400, 1800)), "JPEG")),
+        "bomb_header": (".png", png_with_header_only(100_000, 100_000)),
+    }
+
+
+UNDECODABLE = {"truncated_jpeg", "zero_bytes", "text_named_png", "bomb_header"}
+
+
+def test_each_bad_image_is_converted_or_skipped(bad_files, cifar_images):
+    photo = np.asarray(cifar_images[0][3].resize((64, 64)), dtype=np.float32)
+    for name, (_, data) in bad_files.items():
+        start = time.monotonic()
+        image = decode_image({"bytes": data, "path": None})
+        assert time.monotonic() - start < 5, name  # no hang
+        if name in UNDECODABLE:
+            assert image is None, name
+            continue
+        assert image.mode == "RGB", name
+        pixels = np.asarray(image, dtype=np.float32)
+        if name == "cmyk_jpeg":
+            assert np.abs(pixels - photo).mean() < 12  # the same photo, through CMYK and JPEG
+        if name == "png_16bit":  # 16-bit grey scaled back to 8 bits, in all three channels
+            grey = np.asarray(cifar_images[0][3].resize((64, 64)).convert("L"), dtype=np.float32)
+            assert np.array_equal(pixels[..., 0], grey) and np.array_equal(pixels[..., 2], grey)
+        if name == "palette_with_transparency":  # transparent pixels composited over black
+            assert pixels[0, 0].tolist() == [0, 0, 0]
+        expected_size = {"one_pixel": (1, 1), "much_larger_than_crop": (2400, 1800)}.get(name, (64, 64))
+        assert image.size == expected_size, name
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_of_bad_images_skips_and_reports_them(bad_files, cifar_images, tmp_path):
+    images, labels = cifar_images
+    root = tmp_path / "folder"
+    for split, rows in (("train", range(0, 48)), ("test", range(48, 72))):
+        for index in rows:
+            (root / split / f"class{labels[index]}").mkdir(parents=True, exist_ok=True)
+            images[index].save(root / split / f"class{labels[index]}" / f"{index}.png")
+    for name, (suffix, data) in bad_files.items():
+        (root / "train" / f"class{labels[0]}" / f"{name}{suffix}").write_bytes(data)
+    out = tmp_path / "run"
+    # 48 + 5 decodable training images; 8 steps of 16 = 128 images: two full epochs and part of a third.
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(root), "--max_train_steps", "8",
+                          "--output_dir", str(out), "--dataloader_num_workers", "1", timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = json.loads((out / "results.json").read_text())["skipped_images"]
+    assert 2 * len(UNDECODABLE) <= skipped <= 3 * len(UNDECODABLE)  # each undecodable file, once per epoch read
+    assert f"{skipped} images could not be decoded and were skipped" in result.stderr
+    assert f"{skipped} images could not be decoded" in (out / "model" / "README.md").read_text()
+
+
+# ---- 3. numerical faults ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "normalisation, message",
+    [
+        # Inputs of -3e38 overflow in the first convolution: the loss itself is NaN.
+        (["--image_mean", "3e38", "3e38", "3e38"], "the loss became nan at step 3"),
+        # Inputs of ~1e38: BatchNorm keeps the loss finite, but its running variance becomes inf.
+        (["--image_std", "1e-38", "1e-38", "1e-38"], "the weights became non-finite at step 3"),
+    ],
+    ids=["nan_loss", "inf_weights"],
+)
+def test_numerical_fault_stops_the_run_and_keeps_the_last_good_checkpoint(small_dataset, tmp_path, normalisation,
+                                                                          message):  # fmt: skip
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--checkpointing_steps", "1",
+            "--knn_at_start", "false", "--output_dir", str(out)]  # fmt: skip
+    assert run_pretrain(*args, "--max_train_steps", "2").returncode == 0
+    model_before = (out / "model" / "model.safetensors").read_bytes()
+    # Resumed with a broken normalisation of the images: step 3 meets the fault.
+    result = run_pretrain(*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *normalisation)
+    assert result.returncode == 1
+    assert message in one_line_error(result)
+    assert [p.name for p in complete_checkpoints(out)] == ["step_1", "step_2"]
+    for checkpoint in complete_checkpoints(out):
+        assert_loadable(checkpoint)
+    assert (out / "model" / "model.safetensors").read_bytes() == model_before
+
+
+def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
+    model = MocoModel(MocoConfig(backbone="resnet18", queue_size=16, dim=8))
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    save_checkpoint(accelerator, model, tmp_path, 1, {"completed_steps": 1}, limit=None)
+    with torch.no_grad():
+        model.encoder_q.backbone.layer3[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    assert non_finite_tensors(model) == ["encoder_q.backbone.layer3.0.conv1.weight"]
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite at step 2 \(encoder_q\.backbone\.layer3\.0\.conv1\.weight"
+    ):
+        save_checkpoint(accelerator, model, tmp_path, 2, {"completed_steps": 2}, limit=None)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_1"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+# ---- 4. untrusted files -----------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_whose_pickle_runs_code(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_at_start", "false", "--output_dir", str(out)]
+    assert run_pretrain(*args, "--max_train_steps", "1").returncode == 0
+    (checkpoint,) = complete_checkpoints(out)
+    torch.save({"python": RunsCode(tmp_path / "pwned")}, checkpoint / "random_states_0.pkl")
+    result = run_pretrain(*args, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert result.returncode == 2
+    assert "would import or run code, so it was refused" in one_line_error(result)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_that_does_not_match_its_config_names_the_field(tmp_path):
+    MocoModel(MocoConfig(backbone="resnet18", queue_size=64, dim=16)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for field, value, message in (
+        ("dim", 32, "dim=32 in config.json but 16 in the weights"),
+        ("queue_size", 128, "queue_size=128 in config.json but 64 in the weights"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=message):
+            MocoModel.from_pretrained(tmp_path)
+
+
+# ---- 5. disk and permissions ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """Mount a tmpfs of a given size (MiB) and options; unmounted afterwards. Needs root (as on this project's
+    machines); otherwise the test is skipped with the reason."""
+    mounts = []
+
+    def mount(size_mib: int, options: str = "") -> Path:
+        point = tmp_path / f"fs{len(mounts)}"
+        point.mkdir()
+        command = [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"size={size_mib}m{',' + options if options else ''}",
+            "tmpfs",
+            str(point),
+        ]
+        if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+@pytest.mark.slow
+def test_unwritable_or_too_small_output_dir_fails_before_training(small_dataset, small_filesystem):
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--max_train_steps", "2", "--knn_at_start", "false"]
+    read_only = small_filesystem(10, "ro")
+    result = run_pretrain(*args, "--output_dir", str(read_only / "run"))
+    assert result.returncode == 2 and "is not writable: Read-only file system" in one_line_error(result)
+    tiny = small_filesystem(20)
+    result = run_pretrain(*args, "--output_dir", str(tiny / "run"))
+    assert result.returncode == 2
+    assert "MiB free, but one checkpoint needs about" in one_line_error(result)
+    assert "Training resnet18" not in result.stderr  # stopped before the first step
+
+
+@pytest.mark.slow
+def test_disk_full_mid_run_keeps_the_earlier_checkpoints(small_dataset, small_filesystem):
+    # One checkpoint of this model is ~140 MiB: 200 MiB hold the first, not the second.
+    disk = small_filesystem(200)
+    out = disk / "run"
+    args = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--knn_at_start", "false"]
+    result = run_pretrain(*FAST_TRAINING, *args, "--dataset_name", str(small_dataset), "--output_dir", str(out))
+    assert result.returncode == 1
+    assert "could not write checkpoint step_2" in one_line_error(result) and "No space left on device" in result.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["step_1"]
+    assert_loadable(complete_checkpoints(out)[0])
+    assert not list((out / "checkpoints").glob(".tmp-*"))
