@@ -8,8 +8,10 @@ from typing import Any
 from transformers import PretrainedConfig
 
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "none")
-AUGMENTATIONS = ("v1", "v2")
+AUGMENTATIONS = ("v1", "v2", "v3")
 LR_SCHEDULES = ("step", "cosine")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 
 # The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -40,6 +42,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weight_decay": 1e-4,
         "sgd_momentum": 0.9,
     },
+    # Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers" (the ResNet-50
+    # recipe; for a ViT set softmax_temperature=0.2, projector_layers=3, optimizer="adamw",
+    # base_learning_rate=1.5e-4, weight_decay=0.1, freeze_patch_embed=True): no queue, the other keys of the
+    # global batch are the negatives; BatchNorm MLP heads and a predictor; symmetric loss scaled by 2T; momentum
+    # on a cosine schedule from 0.99 to 1; LARS; asymmetric blur/solarize augmentation.
+    "v3": {
+        "dim": 256,
+        "queue_size": 0,
+        "momentum": 0.99,
+        "momentum_schedule": "cosine",
+        "softmax_temperature": 1.0,
+        "mlp": True,
+        "mlp_hidden_dim": 4096,
+        "projector_layers": 2,
+        "head_batch_norm": True,
+        "predictor": True,
+        "symmetric_loss": True,
+        "shuffle_bn": "none",
+        "augmentation": "v3",
+        "lr_schedule": "cosine",
+        "optimizer": "lars",
+        "base_learning_rate": 0.6,
+        "weight_decay": 1e-6,
+        "sgd_momentum": 0.9,
+    },
 }
 
 
@@ -59,7 +86,8 @@ class MocoConfig(PretrainedConfig):
             Dimension of the embedding the contrastive loss compares (output of the projection head).
         queue_size (`int`, defaults to 65536):
             K, the number of negative keys kept in the queue. Need not be a multiple of the batch size: the queue
-            wraps around.
+            wraps around. `0`: no queue; the negatives are the other keys of the (global) batch, as in SimCLR and
+            MoCo v3.
         momentum (`float`, defaults to 0.999):
             m in `theta_k <- m * theta_k + (1 - m) * theta_q`.
         softmax_temperature (`float`, defaults to 0.07):
@@ -69,6 +97,19 @@ class MocoConfig(PretrainedConfig):
             Projection head: `False` is v1's single Linear layer, `True` is v2's Linear-ReLU-Linear.
         mlp_hidden_dim (`int`, *optional*):
             Hidden width of the MLP head; defaults to the backbone's `num_features` (as in v2).
+        projector_layers (`int`, defaults to 2):
+            Linear layers of the MLP projection head (v2: 2; v3: 2 for ResNets, 3 for ViTs).
+        head_batch_norm (`bool`, defaults to `False`):
+            v3 heads: BatchNorm after each hidden Linear (bias-free) and a final affine-free BatchNorm.
+        predictor (`bool`, defaults to `False`):
+            v3: a 2-layer prediction MLP (`predictor_hidden_dim`, default `mlp_hidden_dim`) on the query side only.
+        predictor_hidden_dim (`int`, *optional*): hidden width of the predictor.
+        symmetric_loss (`bool`, defaults to `False`):
+            Both views serve as queries: `ctr(q1, k2) + ctr(q2, k1)`, each term scaled by 2T as in MoCo v3.
+        momentum_schedule (`str`, defaults to `"constant"`):
+            `"cosine"` raises m from `momentum` to 1 over training (v3); the trainer sets it each step.
+        freeze_patch_embed (`bool`, defaults to `False`):
+            v3's stability trick for ViTs: a frozen (random) patch projection.
         shuffle_bn (`str`, defaults to `"auto"`):
             How the key encoder's batch statistics are kept from leaking the positive pair: `"ddp"` shuffles the key
             batch across processes (gather, permute, encode the local shard, unshuffle); `"split"` emulates that on
@@ -79,7 +120,7 @@ class MocoConfig(PretrainedConfig):
             Number of BatchNorm groups of the `"split"` emulation (the official CIFAR demo's `bn_splits`).
         image_size, image_mean, image_std (defaults 224 and ImageNet's statistics):
             The preprocessing the encoder was trained with; exported encoders carry it in timm's `pretrained_cfg`.
-        augmentation, lr_schedule, base_learning_rate, weight_decay, sgd_momentum:
+        augmentation, lr_schedule, optimizer, base_learning_rate, weight_decay, sgd_momentum:
             The training recipe read by `training/pretrain.py` (`base_learning_rate` is per 256 images and scales
             linearly with the global batch). Stored here so a checkpoint says how it was trained.
     """
@@ -96,6 +137,13 @@ class MocoConfig(PretrainedConfig):
         softmax_temperature: float = 0.07,
         mlp: bool = False,
         mlp_hidden_dim: int | None = None,
+        projector_layers: int = 2,
+        head_batch_norm: bool = False,
+        predictor: bool = False,
+        predictor_hidden_dim: int | None = None,
+        symmetric_loss: bool = False,
+        momentum_schedule: str = "constant",
+        freeze_patch_embed: bool = False,
         shuffle_bn: str = "auto",
         num_splits: int = 8,
         image_size: int = 224,
@@ -103,6 +151,7 @@ class MocoConfig(PretrainedConfig):
         image_std: list[float] | tuple[float, ...] = (0.229, 0.224, 0.225),
         augmentation: str = "v1",
         lr_schedule: str = "step",
+        optimizer: str = "sgd",
         base_learning_rate: float = 0.03,
         weight_decay: float = 1e-4,
         sgd_momentum: float = 0.9,
@@ -116,6 +165,13 @@ class MocoConfig(PretrainedConfig):
         self.softmax_temperature = softmax_temperature
         self.mlp = mlp
         self.mlp_hidden_dim = mlp_hidden_dim
+        self.projector_layers = projector_layers
+        self.head_batch_norm = head_batch_norm
+        self.predictor = predictor
+        self.predictor_hidden_dim = predictor_hidden_dim
+        self.symmetric_loss = symmetric_loss
+        self.momentum_schedule = momentum_schedule
+        self.freeze_patch_embed = freeze_patch_embed
         self.shuffle_bn = shuffle_bn
         self.num_splits = num_splits
         self.image_size = image_size
@@ -123,6 +179,7 @@ class MocoConfig(PretrainedConfig):
         self.image_std = list(image_std)
         self.augmentation = augmentation
         self.lr_schedule = lr_schedule
+        self.optimizer = optimizer
         self.base_learning_rate = base_learning_rate
         self.weight_decay = weight_decay
         self.sgd_momentum = sgd_momentum
@@ -131,7 +188,7 @@ class MocoConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MocoConfig:
-        """A config with the recipe of paper `name` (`"v1"` or `"v2"`); `overrides` replace any field."""
+        """A config with the recipe of paper `name` (`"v1"`, `"v2"` or `"v3"`); `overrides` replace any field."""
         if name not in PRESETS:
             raise ValueError(f"Unknown MoCo preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
@@ -156,12 +213,22 @@ class MocoConfig(PretrainedConfig):
             self.softmax_temperature,
             "a number > 0",
         )
+        for name in ("mlp_hidden_dim", "predictor_hidden_dim"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value > 0), name, value, "a positive integer or None")
         _check(
-            self.mlp_hidden_dim is None or (_is_int(self.mlp_hidden_dim) and self.mlp_hidden_dim > 0),
-            "mlp_hidden_dim",
-            self.mlp_hidden_dim,
-            "a positive integer or None",
+            _is_int(self.projector_layers) and self.projector_layers >= 2,
+            "projector_layers",
+            self.projector_layers,
+            "an integer >= 2",
         )
+        _check(
+            self.momentum_schedule in MOMENTUM_SCHEDULES,
+            "momentum_schedule",
+            self.momentum_schedule,
+            f"one of {MOMENTUM_SCHEDULES}",
+        )
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
         _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
         _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
         _check(_is_int(self.image_size) and self.image_size > 0, "image_size", self.image_size, "a positive integer")

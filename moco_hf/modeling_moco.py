@@ -17,6 +17,7 @@ dictionary.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,12 +133,37 @@ def convert_to_split_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def build_mlp(num_layers: int, in_features: int, hidden: int, out_features: int, batch_norm: bool, last_bn: bool):
+    """Linear layers with ReLU between them; with `batch_norm` (v3) the Linears lose their bias, a BatchNorm follows
+    each hidden one, and `last_bn` adds an affine-free BatchNorm at the end (the official v3 `_build_mlp`)."""
+    layers: list[nn.Module] = []
+    for index in range(num_layers):
+        last = index == num_layers - 1
+        layers.append(nn.Linear(in_features if index == 0 else hidden, out_features if last else hidden,
+                                bias=not batch_norm))  # fmt: skip
+        if not last:
+            layers += [nn.BatchNorm1d(hidden)] if batch_norm else []
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(out_features, affine=False))
+    return nn.Sequential(*layers)
+
+
 def build_projection_head(in_features: int, config: MocoConfig) -> nn.Module:
-    """v1: Linear(num_features, dim); v2 (`mlp=True`): Linear-ReLU-Linear with hidden width `mlp_hidden_dim`."""
+    """v1: Linear(num_features, dim); v2 (`mlp=True`): Linear-ReLU-Linear with hidden width `mlp_hidden_dim`;
+    v3 (`head_batch_norm=True`): the same MLP with BatchNorm, `projector_layers` deep."""
     if not config.mlp:
         return nn.Linear(in_features, config.dim)
     hidden = config.mlp_hidden_dim or in_features
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, config.dim))
+    batch_norm = config.head_batch_norm
+    return build_mlp(config.projector_layers, in_features, hidden, config.dim, batch_norm, last_bn=batch_norm)
+
+
+def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
+    """Key encoder momentum at `step` of `total_steps`: constant, or (v3) m = 1 - (1 - base)(1 + cos(pi t/T))/2."""
+    if schedule == "constant":
+        return base
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))) * (1.0 - base)
 
 
 class MocoEncoder(nn.Module):
@@ -147,6 +173,13 @@ class MocoEncoder(nn.Module):
         super().__init__()
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
         self.head = build_projection_head(self.backbone.num_features, config)
+        if config.freeze_patch_embed:  # v3: a random, fixed patch projection keeps ViT training stable
+            patch_embed = getattr(self.backbone, "patch_embed", None)
+            if patch_embed is None:
+                raise ValueError(
+                    f"freeze_patch_embed=True needs a ViT-like backbone; {config.backbone} has no patch_embed."
+                )
+            patch_embed.requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) images -> (N, dim) unnormalised embeddings."""
@@ -191,6 +224,14 @@ class MocoModel(MocoPreTrainedModel):
         super().__init__(config)
         self.encoder_q = MocoEncoder(config)
         self.encoder_k = MocoEncoder(config)
+        # v3: a prediction MLP on the query side only (the key encoder has no counterpart).
+        hidden = config.predictor_hidden_dim or config.mlp_hidden_dim or config.dim
+        self.predictor = (
+            build_mlp(2, config.dim, hidden, config.dim, config.head_batch_norm, last_bn=False)
+            if config.predictor
+            else None
+        )
+        self.key_momentum = config.momentum  # the trainer moves it along `config.momentum_schedule`
         if config.shuffle_bn in ("auto", "split"):
             convert_to_split_batch_norm(self.encoder_q)
             convert_to_split_batch_norm(self.encoder_k)
@@ -199,13 +240,9 @@ class MocoModel(MocoPreTrainedModel):
         if self.queue.device.type != "meta":
             # A new model: the key encoder starts as a copy of the query encoder, both with timm's init.
             self.encoder_k.load_state_dict(self.encoder_q.state_dict())
-            for tensor in [
-                *self.encoder_q.parameters(),
-                *self.encoder_q.buffers(),
-                *self.encoder_k.parameters(),
-                *self.encoder_k.buffers(),
-            ]:
-                tensor._is_hf_initialized = True
+            for encoder in (self.encoder_q, self.encoder_k):
+                for tensor in [*encoder.parameters(), *encoder.buffers()]:
+                    tensor._is_hf_initialized = True
         self.encoder_k.requires_grad_(False)  # updated by the momentum rule only
         self.post_init()
 
@@ -236,7 +273,7 @@ class MocoModel(MocoPreTrainedModel):
         """
         key_params = list(self.encoder_k.parameters())
         query_params = [p.detach() for p in self.encoder_q.parameters()]
-        torch._foreach_lerp_(key_params, query_params, 1.0 - self.config.momentum)
+        torch._foreach_lerp_(key_params, query_params, 1.0 - self.key_momentum)
 
     @torch.no_grad()
     def _batch_shuffle_ddp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,12 +304,36 @@ class MocoModel(MocoPreTrainedModel):
             return k[torch.argsort(idx_shuffle)]
         return F.normalize(self.encoder_k(im_k), dim=1)
 
-    def _contrastive_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(N, 1 + K) logits: column 0 is q.k+ (positive), the rest q against the queue; divided by T."""
+    def _contrastive_logits(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits divided by T and the index of each row's positive.
+
+        With a queue: (N, 1 + K), column 0 is q.k+ and the rest q against the queued keys (labels all 0). Without
+        (`queue_size=0`): (N, world_size * N), q against the keys of the whole global batch; the positive of row i
+        is this process's i-th key.
+        """
+        if self.config.queue_size == 0:
+            keys = concat_all_gather(k)
+            offset = q.shape[0] * (dist.get_rank() if is_distributed() else 0)
+            labels = torch.arange(q.shape[0], device=q.device) + offset
+            return q @ keys.T.to(q.dtype) / self.config.softmax_temperature, labels
         l_pos = (q * k).sum(dim=1, keepdim=True)
         # clone: the queue is updated in place after this, and autograd keeps it for the gradient of q.
         l_neg = q @ self.queue.clone().T.to(q.dtype)
-        return torch.cat([l_pos, l_neg], dim=1) / self.config.softmax_temperature
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return torch.cat([l_pos, l_neg], dim=1) / self.config.softmax_temperature, labels
+
+    def _contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """InfoNCE of queries against their keys; with `symmetric_loss`, scaled by 2T (MoCo v3's `ctr`)."""
+        logits, labels = self._contrastive_logits(q, k)
+        loss = F.cross_entropy(logits.float(), labels)
+        if self.config.symmetric_loss:
+            loss = 2 * self.config.softmax_temperature * loss
+        return loss, logits, labels
+
+    def _query(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised queries: query encoder, then (v3) the predictor."""
+        q = self.encoder_q(pixel_values)
+        return F.normalize(self.predictor(q) if self.predictor is not None else q, dim=1)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
@@ -371,17 +432,20 @@ class MocoModel(MocoPreTrainedModel):
                 f"{pixel_values.shape[0]} and {key_pixel_values.shape[0]}."
             )
         shuffle_bn = self.resolve_shuffle_bn()
+        symmetric = self.config.symmetric_loss
         with self._batch_norm_splits(self.config.num_splits if shuffle_bn == "split" else 1):
-            q = F.normalize(self.encoder_q(pixel_values), dim=1)
+            q = self._query(pixel_values)
+            q_swapped = self._query(key_pixel_values) if symmetric else None
             with torch.no_grad():
                 if self.training:
                     self._momentum_update_key_encoder()
+                k_swapped = self._encode_keys(pixel_values, shuffle_bn) if symmetric else None  # Algorithm 1's k1
                 k = self._encode_keys(key_pixel_values, shuffle_bn)
-        logits = self._contrastive_logits(q, k)
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss, logits, labels = self._contrastive_loss(q, k)
+        if symmetric:  # the key view as query, against the query view's key: ctr(q1, k2) + ctr(q2, k1)
+            loss = loss + self._contrastive_loss(q_swapped, k_swapped)[0]
         if self.training:
-            self._dequeue_and_enqueue(k)
+            self._dequeue_and_enqueue(torch.cat([k, k_swapped]) if symmetric else k)
         return MocoOutput(loss=loss, logits=logits, labels=labels, q=q, k=k)
 
     # ---- helpers ----------------------------------------------------------------------------------------------

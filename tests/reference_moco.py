@@ -48,3 +48,38 @@ class ReferenceMoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long)
         self._dequeue_and_enqueue(k)
         return logits, labels
+
+
+class ReferenceMoCoV3(nn.Module):
+    """MoCo v3, Algorithm 1 of Chen, Xie, He 2021, written as the paper's pseudocode (and the official code's order:
+    the momentum encoder is updated before it encodes the keys). `f_q` = backbone + projection MLP, `predictor` on
+    top of it; `f_k` = momentum copy of `f_q`. Negatives: the keys of all processes, gathered."""
+
+    def __init__(self, f_q: nn.Module, predictor: nn.Module, T: float) -> None:
+        super().__init__()
+        self.T = T
+        self.f_q = copy.deepcopy(f_q)
+        self.predictor = copy.deepcopy(predictor)
+        self.f_k = copy.deepcopy(f_q)
+        for param_k in self.f_k.parameters():
+            param_k.requires_grad = False
+
+    def ctr(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        rank = 0
+        if torch.distributed.is_initialized():
+            gathered = [torch.empty_like(k) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, k)
+            k, rank = torch.cat(gathered), torch.distributed.get_rank()
+        logits = torch.einsum("nc,mc->nm", q, k) / self.T
+        N = logits.shape[0]
+        labels = torch.arange(N) + N * rank
+        return F.cross_entropy(logits, labels) * (2 * self.T)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: float) -> torch.Tensor:
+        q1, q2 = self.predictor(self.f_q(x1)), self.predictor(self.f_q(x2))
+        with torch.no_grad():
+            for param_q, param_k in zip(self.f_q.parameters(), self.f_k.parameters(), strict=True):
+                param_k.data = param_k.data * m + param_q.data * (1.0 - m)
+            k1, k2 = self.f_k(x1), self.f_k(x2)
+        return self.ctr(q1, k2) + self.ctr(q2, k1)

@@ -55,6 +55,27 @@ def moco_v2_augmentation(size: int, mean: Sequence[float], std: Sequence[float])
     )
 
 
+def moco_v3_augmentations(size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[v2.Compose, v2.Compose]:
+    """MoCo v3 (BYOL's asymmetric pair): view 1 always blurred, never solarized; view 2 blurred with p=0.1,
+    solarized with p=0.2. Crops of scale (0.08, 1)."""
+
+    def view(blur: float, solarize: float) -> v2.Compose:
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur),
+                v2.RandomSolarize(threshold=128, p=solarize),
+                v2.RandomHorizontalFlip(),
+                *_finish(mean, std),
+            ]
+        )
+
+    return view(blur=1.0, solarize=0.0), view(blur=0.1, solarize=0.2)
+
+
 def evaluation_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize the short side to size/0.875 and centre-crop (no resize when the image already has `size`)."""
     resize = size if size <= 64 else round(size / 0.875)
@@ -68,22 +89,26 @@ AUGMENTATIONS: dict[str, Callable[[int, Sequence[float], Sequence[float]], v2.Co
 
 
 class TwoCropsTransform:
-    """Two independent draws of the same augmentation: the query view and the key view."""
+    """The query view and the key view of one image: two draws of the same augmentation (v1, v2), or one draw of
+    each of two (v3's asymmetric pair)."""
 
-    def __init__(self, transform: Transform) -> None:
+    def __init__(self, transform: Transform, key_transform: Transform | None = None) -> None:
         self.transform = transform
+        self.key_transform = key_transform or transform
 
     def __call__(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(image), self.transform(image)
+        return self.transform(image), self.key_transform(image)
 
     def __repr__(self) -> str:
-        return f"TwoCropsTransform({self.transform})"
+        return f"TwoCropsTransform({self.transform}, {self.key_transform})"
 
 
 def build_two_crops(
     recipe: str, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> TwoCropsTransform:
-    """The two-crop transform of recipe `"v1"` or `"v2"` at crop size `size`."""
+    """The two-crop transform of recipe `"v1"`, `"v2"` or `"v3"` at crop size `size`."""
+    if recipe == "v3":
+        return TwoCropsTransform(*moco_v3_augmentations(size, mean, std))
     if recipe not in AUGMENTATIONS:
-        raise ValueError(f"Unknown augmentation {recipe!r}; choose one of {sorted(AUGMENTATIONS)}.")
+        raise ValueError(f"Unknown augmentation {recipe!r}; choose one of {sorted([*AUGMENTATIONS, 'v3'])}.")
     return TwoCropsTransform(AUGMENTATIONS[recipe](size, mean, std))

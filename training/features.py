@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
+from transformers import HfArgumentParser
 
 from moco_hf import MocoConfig, MocoModel
 from training.augmentations import evaluation_transform
@@ -127,3 +130,41 @@ def _fingerprint(name_or_path: str) -> list:
     if not folder.is_dir():
         return [name_or_path]
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
+Split = tuple[torch.Tensor, torch.Tensor]  # L2-normalised features (N, F) and labels (N,)
+
+
+def evaluation_main(
+    argv: list[str] | None,
+    protocol_arguments: type,
+    name: str,
+    evaluate: Callable[[Split, Split, int, Any, int], dict[str, float]],
+) -> int:
+    """The `main` of `knn_eval.py` / `linear_eval.py`: parse the arguments, extract (or reuse) the features of both
+    splits, `evaluate(train, eval, num_classes, protocol_args, seed)`, print and write `<name>_results.json`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args, protocol_args = HfArgumentParser((FeatureArguments, protocol_arguments)).parse_args_into_dataclasses(argv)
+    try:
+        encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
+        train = split_features(args, encoder, args.train_split)
+        evaluation = split_features(args, encoder, args.eval_split)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    num_classes = int(max(train[1].max(), evaluation[1].max())) + 1
+    metrics = evaluate(train, evaluation, num_classes, protocol_args, args.seed)
+    results = {
+        "encoder": encoder.description,
+        "protocol": name,
+        **metrics,
+        "train_samples": train[0].shape[0],
+        "eval_samples": evaluation[0].shape[0],
+        "settings": {**asdict(args), **asdict(protocol_args)},
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}_results.json").write_text(json.dumps(results, indent=2))
+    scores = ", ".join(f"{metric} {value:.2f}%" for metric, value in metrics.items())
+    print(f"{scores} on {args.eval_split} ({evaluation[0].shape[0]} images) for {encoder.description}")
+    return 0

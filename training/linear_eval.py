@@ -12,26 +12,21 @@ probe), which makes one learning rate work across backbones. Top-1/top-5 accurac
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import evaluate
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/linear_eval.py` from a checkout
 
-from training.data import DataError
-from training.features import FeatureArguments, load_encoder, split_features
+from training.features import Split, evaluation_main
 
 TOP_K_ACCURACY = Path(__file__).resolve().parent / "metrics" / "top_k_accuracy"
-logger = logging.getLogger("moco_hf.evaluation")
 
 
 @dataclass
@@ -91,33 +86,15 @@ def top_k_accuracies(classifier: nn.Module, features: torch.Tensor, labels: torc
     }
 
 
+def linear_protocol(
+    train: Split, evaluation: Split, num_classes: int, args: LinearArguments, seed: int
+) -> dict[str, float]:
+    classifier = train_linear_classifier(*train, num_classes, args, seed)
+    return {f"linear_{name}": value for name, value in top_k_accuracies(classifier, *evaluation).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    feature_args, linear_args = HfArgumentParser((FeatureArguments, LinearArguments)).parse_args_into_dataclasses(argv)
-    try:
-        encoder = load_encoder(feature_args.model_name_or_path, feature_args.random_init, feature_args.seed)
-        train_features, train_labels = split_features(feature_args, encoder, feature_args.train_split)
-        eval_features, eval_labels = split_features(feature_args, encoder, feature_args.eval_split)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    num_classes = int(max(train_labels.max(), eval_labels.max())) + 1
-    classifier = train_linear_classifier(train_features, train_labels, num_classes, linear_args, feature_args.seed)
-    accuracy = top_k_accuracies(classifier, eval_features, eval_labels)
-    results = {
-        "encoder": encoder.description,
-        "protocol": "linear",
-        **{f"linear_{name}": value for name, value in accuracy.items()},
-        "train_samples": train_features.shape[0],
-        "eval_samples": eval_features.shape[0],
-        "settings": {**asdict(feature_args), **asdict(linear_args)},
-    }
-    output = Path(feature_args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "linear_results.json").write_text(json.dumps(results, indent=2))
-    print(f"Linear top-1 {accuracy['top1']:.2f}%" + (f", top-5 {accuracy['top5']:.2f}%" if "top5" in accuracy else "")
-          + f" on {feature_args.eval_split} ({eval_features.shape[0]} images) for {encoder.description}")  # fmt: skip
-    return 0
+    return evaluation_main(argv, LinearArguments, "linear", linear_protocol)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.configuration_moco import PRESETS
 from moco_hf.hub import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
+from moco_hf.modeling_moco import momentum_at
 from training.augmentations import IMAGENET_MEAN, IMAGENET_STD, build_two_crops, evaluation_transform
 from training.data import (
     DataError,
@@ -71,7 +72,10 @@ class ModelArguments:
     momentum: float | None = field(default=None, metadata={"help": "Key encoder momentum m (preset: 0.999)."})
     softmax_temperature: float | None = field(default=None, metadata={"help": "T (preset: v1 0.07, v2 0.2)."})
     mlp: bool | None = field(default=None, metadata={"help": "MLP projection head (preset: v1 no, v2 yes)."})
-    shuffle_bn: str = field(default="auto", metadata={"help": "auto | ddp | split | none."})
+    shuffle_bn: str | None = field(default=None, metadata={"help": "auto | ddp | split | none (preset: auto)."})
+    projector_layers: int | None = field(default=None, metadata={"help": "Layers of the MLP head (v3 ViT: 3)."})
+    symmetric_loss: bool | None = field(default=None, metadata={"help": "Both views as queries (preset: v3)."})
+    freeze_patch_embed: bool | None = field(default=None, metadata={"help": "v3 ViT trick: frozen patch embed."})
     num_splits: int = field(default=8, metadata={"help": "BatchNorm groups of the 'split' emulation."})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
 
@@ -111,6 +115,7 @@ class TrainArguments:
     )
     learning_rate: float | None = field(default=None, metadata={"help": "Default: preset lr x global batch / 256."})
     lr_scheduler_type: str | None = field(default=None, metadata={"help": "step | cosine (preset: v1 step)."})
+    optimizer: str | None = field(default=None, metadata={"help": "sgd | lars | adamw (preset: v1/v2 sgd, v3 lars)."})
     weight_decay: float | None = field(default=None)
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
     num_train_epochs: float = field(default=200)
@@ -144,21 +149,42 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, train_arg
     overrides = {
         "backbone": model_args.backbone,
         "backbone_kwargs": json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else {},
-        "shuffle_bn": model_args.shuffle_bn,
         "num_splits": model_args.num_splits,
         # The preprocessing the encoder expects, recorded for exports and model cards.
         "image_size": data_args.image_size,
         "image_mean": list(data_args.image_mean),
         "image_std": list(data_args.image_std),
     }
-    for name in ("dim", "queue_size", "momentum", "softmax_temperature", "mlp"):
+    for name in ("dim", "queue_size", "momentum", "softmax_temperature", "mlp", "shuffle_bn", "projector_layers",
+                 "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
+    if train_args.optimizer is not None:
+        overrides["optimizer"] = train_args.optimizer
     if train_args.lr_scheduler_type is not None:
         overrides["lr_schedule"] = train_args.lr_scheduler_type
     if train_args.weight_decay is not None:
         overrides["weight_decay"] = train_args.weight_decay
     return MocoConfig.from_preset(model_args.preset, **overrides)
+
+
+def build_optimizer(model: MocoModel, config: MocoConfig, learning_rate: float) -> torch.optim.Optimizer:
+    """timm's optimizer of `config.optimizer` over the trainable parameters (query encoder, predictor).
+
+    SGD (v1/v2) decays every parameter, as the official code; LARS and AdamW (v3) leave biases and normalisation
+    weights out of weight decay and (LARS) out of the trust-ratio scaling, as the official v3 code.
+    """
+    from timm.optim import create_optimizer_v2
+
+    timm_name = {"sgd": "momentum", "lars": "lars", "adamw": "adamw"}[config.optimizer]  # timm's "sgd" is Nesterov
+    return create_optimizer_v2(
+        model,
+        opt=timm_name,
+        lr=learning_rate,
+        weight_decay=config.weight_decay,
+        momentum=config.sgd_momentum,
+        filter_bias_and_bn=config.optimizer != "sgd",
+    )
 
 
 def learning_rate_multiplier(schedule: str, total_steps: int):
@@ -453,9 +479,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     learning_rate = train_args.learning_rate or config.base_learning_rate * global_batch / 256
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(), lr=learning_rate, momentum=config.sgd_momentum, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(model, config, learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_multiplier(config.lr_schedule, total_steps))
     if train_args.torch_compile:
         model.encoder_q.backbone.compile()
@@ -596,6 +620,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 key = batch["key"].to(accelerator.device, non_blocking=True)
                 if train_args.channels_last:
                     query, key = (t.contiguous(memory_format=torch.channels_last) for t in (query, key))
+                moco.key_momentum = momentum_at(completed_steps, total_steps, config.momentum, config.momentum_schedule)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         output = model(pixel_values=query, key_pixel_values=key)
