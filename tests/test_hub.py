@@ -80,7 +80,7 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
     assert card.data.pipeline_tag == "image-feature-extraction" and card.data.library_name == "transformers"
     assert {"moco", "self-supervised", "timm"} <= set(card.data.tags)
     (evaluation,) = card.data.eval_results
-    assert evaluation.metric_value == pytest.approx(round(final_knn, 2)) and evaluation.dataset_split == "test"
+    assert evaluation.metric_value == pytest.approx(round(final_knn, 2)) and evaluation.dataset_split == "test[:32]"
     assert "| queue size K | 64 |" in card.text and "| steps | 4 |" in card.text
     assert (
         "| global batch size | 16 |" in card.text
@@ -212,3 +212,49 @@ def test_convert_refuses_a_pickle_that_runs_code(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "refused" in error and "weights_only" in error
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def official_v3_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> torch.nn.Sequential:
+    """facebookresearch/moco-v3's `_build_mlp`, as written there."""
+    layers = []
+    for layer in range(num_layers):
+        dim1 = in_dim if layer == 0 else hidden
+        dim2 = out_dim if layer == num_layers - 1 else hidden
+        layers.append(torch.nn.Linear(dim1, dim2, bias=False))
+        if layer < num_layers - 1:
+            layers += [torch.nn.BatchNorm1d(dim2), torch.nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(torch.nn.BatchNorm1d(dim2, affine=False))
+    return torch.nn.Sequential(*layers)
+
+
+def test_convert_official_moco_v3_resnet_checkpoint(tmp_path, cifar_tensor):
+    torch.manual_seed(0)
+    base = torchvision.models.resnet50()
+    base.fc = official_v3_mlp(2, 2048, 512, 64, last_bn=True)  # the paper: 4096 hidden, 256 out; smaller here
+    predictor = official_v3_mlp(2, 64, 512, 64, last_bn=False)
+    for module in [*base.modules(), *predictor.modules()]:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    state = {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}
+    state |= {f"module.momentum_encoder.{k}": v + 0.01 if v.is_floating_point() else v
+              for k, v in base.state_dict().items()}  # fmt: skip
+    state |= {f"module.predictor.{k}": v for k, v in predictor.state_dict().items()}
+    torch.save({"epoch": 300, "arch": "resnet50", "state_dict": state}, tmp_path / "v3.pth.tar")
+    assert moco_hf_cli(["convert", str(tmp_path / "v3.pth.tar"), str(tmp_path / "converted")]) == 0
+    model = MocoModel.from_pretrained(tmp_path / "converted").eval()
+    assert model.config.queue_size == 0 and model.config.dim == 64 and model.config.mlp_hidden_dim == 512
+
+    images = torch.nn.functional.interpolate(cifar_tensor[:4], size=64)
+    base.eval()
+    predictor.eval()
+    with torch.no_grad():  # query path: backbone -> projector -> predictor, as the official model computes q
+        torch.testing.assert_close(model.predictor(model.encoder_q(images)), predictor(base(images)), atol=1e-5, rtol=0)
+    assert (
+        moco_hf_cli(["convert", str(tmp_path / "converted"), str(tmp_path / "back.pth.tar"), "--to", "official"]) == 0
+    )
+    back = torch.load(tmp_path / "back.pth.tar", weights_only=True)["state_dict"]
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, atol=0, rtol=0, msg=key)

@@ -441,6 +441,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     # -- data
     dataset_name = data_args.dataset_name or default_dataset_name()
     card_dataset = data_args.dataset_name or "uoft-cs/cifar10"  # the default data is a copy of this Hub dataset
+    limit = data_args.knn_max_eval_samples
+    knn_split = data_args.eval_split + (f"[:{limit}]" if limit else "")  # `datasets` slicing: the first N images
     train_set = load_image_dataset(
         dataset_name, data_args.train_split, data_args.streaming, data_args.dataset_config_name
     )
@@ -574,7 +576,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             ) from error
         results = [
             EvaluationResult(f"kNN top-1 (k={data_args.knn_k}, T={data_args.knn_temperature})",
-                             card_dataset, data_args.eval_split, history[-1]["knn_top1"])
+                             card_dataset, knn_split, history[-1]["knn_top1"])
         ] if history and history[-1]["step"] > 0 else []  # fmt: skip
         summary = TrainingSummary(
             dataset=card_dataset,
@@ -592,9 +594,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             hardware=describe_hardware(world, accelerator.device),
             skipped_images=skipped_images,
         )
-        render_model_card(config, publisher.repo_id if publisher else folder.name, "model", summary).save(
-            folder / "README.md"
-        )
+        repo_id = publisher.repo_id if publisher else train_args.hub_model_id or output_dir.resolve().name
+        render_model_card(config, repo_id, "model", summary).save(folder / "README.md")
 
     def checkpoint() -> None:
         path = save_checkpoint(
