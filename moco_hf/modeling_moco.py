@@ -311,16 +311,17 @@ class MocoModel(MocoPreTrainedModel):
         (`queue_size=0`): (N, world_size * N), q against the keys of the whole global batch; the positive of row i
         is this process's i-th key.
         """
+        q = q / self.config.softmax_temperature  # dividing (N, dim) costs less than dividing (N, 1 + K) logits
         if self.config.queue_size == 0:
             keys = concat_all_gather(k)
             offset = q.shape[0] * (dist.get_rank() if is_distributed() else 0)
             labels = torch.arange(q.shape[0], device=q.device) + offset
-            return q @ keys.T.to(q.dtype) / self.config.softmax_temperature, labels
+            return q @ keys.T.to(q.dtype), labels
         l_pos = (q * k).sum(dim=1, keepdim=True)
         # clone: the queue is updated in place after this, and autograd keeps it for the gradient of q.
         l_neg = q @ self.queue.clone().T.to(q.dtype)
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return torch.cat([l_pos, l_neg], dim=1) / self.config.softmax_temperature, labels
+        return torch.cat([l_pos, l_neg], dim=1), labels
 
     def _contrastive_loss(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE of queries against their keys; with `symmetric_loss`, scaled by 2T (MoCo v3's `ctr`)."""
