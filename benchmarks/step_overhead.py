@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--queue_sizes", type=int, nargs="+", default=[4096, 65536])
     parser.add_argument("--shuffle_bn", nargs="+", default=["split", "none"])
+    parser.add_argument("--bf16", action="store_true", help="Every candidate under bf16 autocast.")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -39,6 +40,9 @@ def main() -> None:
     torch.manual_seed(0)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     im_q, im_k = torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     candidates, labels = {}, {}
     for queue_size in args.queue_sizes:
@@ -48,7 +52,9 @@ def main() -> None:
             optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
 
             def moco_step(model=model, optimizer=optimizer) -> None:
-                model(pixel_values=im_q, key_pixel_values=im_k).loss.backward()
+                with autocast():
+                    loss = model(pixel_values=im_q, key_pixel_values=im_k).loss
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -62,9 +68,11 @@ def main() -> None:
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
 
     def lower_bound() -> None:
-        encoder_q(im_q).square().mean().backward()
-        with torch.no_grad():
-            encoder_k(im_k)
+        with autocast():
+            loss = encoder_q(im_q).float().square().mean()
+            with torch.no_grad():
+                encoder_k(im_k)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -77,7 +85,7 @@ def main() -> None:
         rows.append({"step": name, "median_ms": 1e3 * timing["median_s"], "min_ms": 1e3 * timing["min_s"],
                      "moco_overhead_%": overhead, "images_per_s": args.batch_size / timing["median_s"]})  # fmt: skip
     write_results(
-        "step_overhead",
+        "step_overhead-bf16" if args.bf16 else "step_overhead",
         vars(args) | {"device": str(device)},
         rows,
         ["step", "median_ms", "min_ms", "moco_overhead_%", "images_per_s"],

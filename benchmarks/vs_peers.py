@@ -134,7 +134,7 @@ def main() -> None:
             "peak_memory_mib": memory,
         })  # fmt: skip
     write_results(
-        "vs_peers",
+        "vs_peers-bf16" if args.bf16 else "vs_peers",
         vars(args) | {"device": str(device)},
         rows,
         ["implementation", "median_ms", "min_ms", "time_vs_moco_hf", "peak_memory_mib"],
