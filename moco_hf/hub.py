@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_moco import PRESETS, MocoConfig
+from .configuration_moco import MocoConfig
 
 TEMPLATE = files("model_cards") / "moco_model_card.md"
 CardKind = Literal["model", "encoder"]
@@ -40,10 +40,9 @@ class TrainingSummary:
 
 
 def moco_version(config: MocoConfig) -> str:
-    """The paper whose recipe the config follows: the preset matching its head, temperature and augmentation."""
-    for name, preset in PRESETS.items():
-        if all(getattr(config, key) == preset[key] for key in ("mlp", "augmentation", "softmax_temperature")):
-            return name
+    """The paper whose method the config follows: v3 with a predictor, v2 with an MLP head, else v1."""
+    if config.predictor:
+        return "v3"
     return "v2" if config.mlp else "v1"
 
 
