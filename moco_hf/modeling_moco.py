@@ -75,12 +75,13 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, while training, normalises `num_splits` contiguous groups of the batch separately.
+    """BatchNorm2d that, while training, normalises `num_splits` groups of the batch separately.
 
-    Group g is samples `[g * N/S, (g + 1) * N/S)`, i.e. exactly what process g of S would see, so one process
-    reproduces the per-process statistics of multi-process training (the official single-GPU CIFAR demo's
-    SplitBatchNorm). Running statistics are updated with the mean over the groups. With `num_splits == 1`, or in
-    eval mode, it is a plain `BatchNorm2d`; the state dict is the same, so checkpoints load into plain timm models.
+    Sample i belongs to group i % S, as in the official single-GPU CIFAR demo's SplitBatchNorm: viewing
+    (N, C, H, W) as (N/S, S*C, H, W) makes each group a block of channels without copying. The key batch is
+    shuffled before it gets here, so each group is a random subset, as each process's share is in multi-process
+    training. Running statistics are updated with the mean over the groups. With `num_splits == 1`, or in eval
+    mode, it is a plain `BatchNorm2d`; the state dict is the same, so checkpoints load into plain timm models.
     """
 
     num_splits: int = 1
@@ -92,8 +93,6 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n, c, h, w = x.shape
         if n % splits:
             raise ValueError(f"Split BatchNorm needs a batch size divisible by num_splits={splits}, got {n}.")
-        # (S, N/S, C, H, W) -> (N/S, S*C, H, W): each group becomes its own block of channels.
-        grouped = x.view(splits, n // splits, c, h, w).transpose(0, 1).reshape(n // splits, splits * c, h, w)
         factor = 0.0
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -101,7 +100,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         running_mean = self.running_mean.repeat(splits) if self.running_mean is not None else None
         running_var = self.running_var.repeat(splits) if self.running_var is not None else None
         out = F.batch_norm(
-            grouped,
+            x.reshape(n // splits, splits * c, h, w),  # a view for contiguous (NCHW) activations
             running_mean,
             running_var,
             self.weight.repeat(splits) if self.weight is not None else None,
@@ -114,7 +113,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.running_mean.copy_(running_mean.view(splits, c).mean(0))
                 self.running_var.copy_(running_var.view(splits, c).mean(0))
-        return out.view(n // splits, splits, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return out.view(n, c, h, w)
 
 
 def convert_to_split_batch_norm(module: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, launch, run_pretrain
 from safetensors.torch import load_file, save_file
 
@@ -10,7 +11,7 @@ from moco_hf import MocoConfig, MocoModel
 pytestmark = pytest.mark.slow
 
 
-def test_ddp_shuffle_matches_single_process_with_the_same_bn_groups(cifar_tensor, tmp_path):
+def test_ddp_shuffle_matches_a_replay_of_each_rank(cifar_tensor, tmp_path):
     steps, global_batch = 3, 16
     query = cifar_tensor[: steps * global_batch]
     key = torch.flip(cifar_tensor[1 : steps * global_batch + 1], dims=[3])
@@ -19,11 +20,12 @@ def test_ddp_shuffle_matches_single_process_with_the_same_bn_groups(cifar_tensor
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
 
-    # The replay: one process, the whole global batch, 'split' BatchNorm with one group per rank.
-    replay = MocoModel(MocoConfig(backbone="resnet18", queue_size=40, dim=16, momentum=0.9, num_splits=2))
+    # The replay: one process doing what each rank did, one rank at a time, with plain BatchNorm.
+    replay = MocoModel(MocoConfig(backbone="resnet18", queue_size=40, dim=16, momentum=0.9, shuffle_bn="none"))
     replay.load_state_dict(load_file(tmp_path / "initial.safetensors"))
     replay.train()
     optimizer = torch.optim.SGD(replay.encoder_q.parameters(), lr=0.05, momentum=0.9)
+    per_rank = global_batch // 2
     for step in range(steps):
         # The queue is the same on both ranks, and holds the keys of both, in rank order, at the pointer.
         torch.testing.assert_close(ranks[0][f"queue{step}"], ranks[1][f"queue{step}"], atol=0, rtol=0)
@@ -32,14 +34,24 @@ def test_ddp_shuffle_matches_single_process_with_the_same_bn_groups(cifar_tensor
         torch.testing.assert_close(ranks[0][f"queue{step}"][rows], gathered, atol=0, rtol=0)
         assert int(ranks[0][f"queue_ptr{step}"]) == int(ranks[1][f"queue_ptr{step}"]) == rows[-1] + 1
 
-        torch.manual_seed(100 + step)  # the same permutation as rank 0 drew and broadcast
         batch = slice(step * global_batch, (step + 1) * global_batch)
-        out = replay(pixel_values=query[batch], key_pixel_values=key[batch])
-        torch.testing.assert_close(out.k, gathered, atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.loss, (ranks[0][f"loss{step}"] + ranks[1][f"loss{step}"]) / 2, atol=1e-5, rtol=0)
+        queries = [F.normalize(replay.encoder_q(part), dim=1) for part in query[batch].split(per_rank)]
+        with torch.no_grad():
+            replay._momentum_update_key_encoder()
+            torch.manual_seed(100 + step)
+            shuffle = torch.randperm(global_batch)  # the permutation rank 0 drew and broadcast
+            shards = key[batch][shuffle].split(per_rank)  # rank r encoded shard r of the shuffled global batch
+            keys = torch.cat([F.normalize(replay.encoder_k(shard), dim=1) for shard in shards])[torch.argsort(shuffle)]
+        torch.testing.assert_close(keys, gathered, atol=1e-5, rtol=0)
+        losses = []
+        for rank, (q, k) in enumerate(zip(queries, keys.split(per_rank), strict=True)):
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ replay.queue.T], dim=1) / 0.07
+            losses.append(F.cross_entropy(logits, torch.zeros(per_rank, dtype=torch.long)))
+            torch.testing.assert_close(losses[-1], ranks[rank][f"loss{step}"], atol=1e-5, rtol=0)
         optimizer.zero_grad()
-        out.loss.backward()
+        (sum(losses) / 2).backward()  # DDP averages the two ranks' gradients
         optimizer.step()
+        replay._dequeue_and_enqueue(keys)
     torch.testing.assert_close(replay.queue, ranks[0][f"queue{steps - 1}"], atol=1e-5, rtol=0)
 
 

@@ -108,9 +108,9 @@ def test_batch_larger_than_queue_keeps_the_newest_keys():
 def test_split_batch_norm_statistics_by_hand():
     bn = SplitBatchNorm2d(1, eps=1e-12, momentum=0.1).train()
     bn.num_splits = 2
-    x = torch.tensor([1.0, 3.0, 10.0, 14.0]).view(4, 1, 1, 1)
-    # group 0 = samples (1, 3): mean 2, biased var 1; group 1 = (10, 14): mean 12, biased var 4.
-    torch.testing.assert_close(bn(x).flatten(), torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    x = torch.tensor([1.0, 10.0, 3.0, 14.0]).view(4, 1, 1, 1)
+    # sample i is in group i % 2: group 0 = (1, 3): mean 2, biased var 1; group 1 = (10, 14): mean 12, biased var 4.
+    torch.testing.assert_close(bn(x).flatten(), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
     # running stats: mean of the groups' updates, with unbiased variances 2 and 8.
     assert bn.running_mean.item() == pytest.approx(0.9 * 0 + 0.1 * 7.0)
     assert bn.running_var.item() == pytest.approx(0.9 * 1 + 0.1 * 5.0)
@@ -130,12 +130,12 @@ def test_split_mode_encodes_keys_with_per_group_statistics(cifar_tensor):
     perm = torch.randperm(8)
     expected = []
     encoder = copy.deepcopy(model.encoder_k)
-    for group in perm.view(2, 4):  # what two processes would each encode, with plain BN
+    for group in perm.view(4, 2).T:  # positions g, g + 2, ... of the shuffled batch: a group each, with plain BN
         for module in encoder.modules():
             if isinstance(module, SplitBatchNorm2d):
                 module.num_splits = 1
         expected.append(F.normalize(encoder(im_k[group]), dim=1))
-    expected = torch.cat(expected)[torch.argsort(perm)]
+    expected = torch.cat(expected)[torch.argsort(perm.view(4, 2).T.flatten())]
     torch.manual_seed(3)
     with torch.no_grad(), model._batch_norm_splits(2):
         k = model._encode_keys(im_k, "split")
