@@ -342,10 +342,11 @@ class MocoModel(MocoPreTrainedModel):
         Works for any global batch size B: when K is not a multiple of B the write wraps; when B > K only the
         newest K keys are kept. Indices are computed on the device (no host synchronisation).
         """
-        keys = concat_all_gather(keys)
-        batch_size, queue_size = keys.shape[0], self.queue.shape[0]
-        if queue_size == 0:
+        queue_size = self.queue.shape[0]
+        if queue_size == 0:  # in-batch negatives: nothing to keep, so no gather either
             return
+        keys = concat_all_gather(keys)
+        batch_size = keys.shape[0]
         skipped = max(batch_size - queue_size, 0)
         keys = keys[skipped:]
         positions = torch.arange(keys.shape[0], device=keys.device)

@@ -52,7 +52,7 @@ def load_image_dataset(name: str, split: str, streaming: bool, config_name: str 
     except Exception as error:  # datasets raises many types here; the user needs one line
         where = "local path" if path.exists() else "Hub dataset id (or local path; none exists here)"
         raise DataError(
-            f"could not load --dataset_name {name!r} as a {where}: {type(error).__name__}: {_first_line(error)}"
+            f"could not load --dataset_name {name!r} as a {where}: {type(error).__name__}: {first_line(error)}"
         ) from error
     if isinstance(loaded, (DatasetDict, dict)) or hasattr(loaded, "keys"):
         if split not in loaded:
@@ -61,7 +61,8 @@ def load_image_dataset(name: str, split: str, streaming: bool, config_name: str 
     return loaded
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): one-line errors for the user."""
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
 

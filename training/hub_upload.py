@@ -9,6 +9,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from training.data import first_line
+
 logger = logging.getLogger("moco_hf.pretrain")
 
 
@@ -64,5 +66,5 @@ class HubPublisher:
             logger.warning(
                 "Pushing to the Hub repo %s failed (%s: %s). The local model and checkpoints are complete and "
                 "training goes on; upload them later with `hf upload %s <output_dir>/model`.",
-                self.repo_id, type(error).__name__, str(error).splitlines()[0] if str(error) else "", self.repo_id,
+                self.repo_id, type(error).__name__, first_line(error), self.repo_id,
             )  # fmt: skip

@@ -47,6 +47,7 @@ from training.data import (
     default_dataset_name,
     find_image_column,
     find_label_column,
+    first_line,
     labelled_images,
     load_image_dataset,
     seed_worker_env,
@@ -250,18 +251,14 @@ def save_checkpoint(
                     shutil.rmtree(old, ignore_errors=True)
     except Exception as error:  # disk full, quota, permissions (OSError, SafetensorError...): earlier ones intact
         shutil.rmtree(staging, ignore_errors=True)
+        reason = first_line(error) or type(error).__name__
         raise RunError(
-            f"could not write checkpoint {final.name} in {final.parent}: {_first_line(error)}. Earlier "
+            f"could not write checkpoint {final.name} in {final.parent}: {reason}. Earlier "
             "checkpoints are intact; free some space (or lower --checkpoints_total_limit) and resume with "
             "--resume_from_checkpoint latest."
         ) from error
     accelerator.wait_for_everyone()
     return final
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def non_finite_tensors(model: torch.nn.Module) -> list[str]:
@@ -305,7 +302,7 @@ def refuse_unsafe_pickles(checkpoint: Path) -> None:
         except pickle.UnpicklingError as error:
             raise DataError(
                 f"{path} is a pickle that would import or run code, so it was refused (only tensors and plain "
-                f"values are loaded from checkpoints): {str(error).splitlines()[0]}"
+                f"values are loaded from checkpoints): {first_line(error)}"
             ) from error
 
 
@@ -433,9 +430,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     config = build_config(model_args, data_args, train_args)
     if train_args.hub_strategy not in HUB_STRATEGIES:
         raise DataError(f"--hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}.")
+    repo_id = train_args.hub_model_id or output_dir.resolve().name  # also the model card's title
     publisher = None
     if train_args.push_to_hub and accelerator.is_main_process:
-        repo_id = train_args.hub_model_id or output_dir.resolve().name
         publisher = HubPublisher(repo_id, train_args.hub_token, train_args.hub_private_repo)
 
     # -- data
@@ -570,8 +567,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         try:
             moco.save_pretrained(folder)
         except Exception as error:  # OSError, SafetensorError: the disk is full or not writable
+            reason = first_line(error) or type(error).__name__
             raise RunError(
-                f"could not write the model to {folder}: {_first_line(error)}. The checkpoints are intact; "
+                f"could not write the model to {folder}: {reason}. The checkpoints are intact; "
                 "free some space and resume with --resume_from_checkpoint latest to save it."
             ) from error
         results = [
@@ -594,8 +592,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             hardware=describe_hardware(world, accelerator.device),
             skipped_images=skipped_images,
         )
-        repo_id = publisher.repo_id if publisher else train_args.hub_model_id or output_dir.resolve().name
-        render_model_card(config, repo_id, "model", summary).save(folder / "README.md")
+        card_repo_id = publisher.repo_id if publisher else repo_id  # the Hub may add the user's namespace
+        render_model_card(config, card_repo_id, "model", summary).save(folder / "README.md")
 
     def checkpoint() -> None:
         path = save_checkpoint(
