@@ -87,6 +87,7 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
         and f"{results['skipped_images']} images could not be decoded" in card.text
     )
     assert f"{round(final_knn, 2):.2f}%" in card.text
+    assert "| optimizer | SGD (momentum 0.9, weight decay 0.0001) |" in card.text  # v2's recipe, as trained
 
 
 @pytest.mark.slow

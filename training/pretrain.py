@@ -582,7 +582,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                 "steps": completed_steps,
                 "epochs": round(completed_steps / steps_per_epoch, 2),
                 "global batch size": global_batch,
-                "optimizer": f"SGD (momentum {config.sgd_momentum}, weight decay {config.weight_decay})",
+                "optimizer": f"{config.optimizer.upper()} (momentum {config.sgd_momentum}, weight decay "
+                f"{config.weight_decay})"
+                if config.optimizer != "adamw"
+                else f"AdamW (weight decay {config.weight_decay})",
                 "learning rate": f"{learning_rate:.4g} ({config.lr_schedule} schedule)",
                 "crop size": data_args.image_size,
                 "mixed precision": accelerator.mixed_precision,
