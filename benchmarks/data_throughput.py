@@ -19,8 +19,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results
-from training.augmentations import build_two_crops
-from training.data import TwoCropBatches, as_iterable, default_dataset_name, load_image_dataset
+from moco_hf.augmentation import build_two_crops
+from moco_hf.data import TwoCropBatches, as_iterable, default_dataset_name, load_image_dataset
 
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
 

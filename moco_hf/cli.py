@@ -13,13 +13,21 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
+
 
 def export(args: argparse.Namespace) -> None:
-    from .hub import render_model_card
+    from .export import export_encoder
+    from .loading_errors import check_is_moco_model
+    from .model_card import render_model_card
     from .modeling_moco import MocoModel
 
+    check_is_moco_model(args.model)
     model = MocoModel.from_pretrained(args.model)
-    output = model.export_encoder(args.output_dir)
+    try:
+        output = export_encoder(model, args.output_dir)
+    except ValueError as error:  # an encoder timm cannot rebuild (CIFAR stem)
+        raise UsageError(str(error)) from error
     render_model_card(model.config, args.repo_id or output.name, kind="encoder").save(output / "README.md")
     if args.repo_id:
         from huggingface_hub import create_repo, upload_folder
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.run(args)
-    except (CheckpointError, OSError) as error:
+    except (CheckpointError, UsageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

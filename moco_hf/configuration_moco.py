@@ -43,8 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sgd_momentum": 0.9,
     },
     # Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers" (the ResNet-50
-    # recipe; for a ViT set softmax_temperature=0.2, projector_layers=3, optimizer="adamw",
-    # base_learning_rate=1.5e-4, weight_decay=0.1, freeze_patch_embed=True): no queue, the other keys of the
+    # recipe; "v3-vit" below for ViTs): no queue, the other keys of the
     # global batch are the negatives; BatchNorm MLP heads and a predictor; symmetric loss scaled by 2T; momentum
     # on a cosine schedule from 0.99 to 1; LARS; asymmetric blur/solarize augmentation.
     "v3": {
@@ -68,6 +67,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sgd_momentum": 0.9,
     },
 }
+# The v3 recipe for ViTs (the official `main_moco.py` ViT settings; backbone e.g. "vit_small_patch16_224"): T=0.2,
+# a 3-layer projector, AdamW at 1.5e-4 per 256 images with weight decay 0.1, and a frozen random patch projection.
+PRESETS["v3-vit"] = {
+    **PRESETS["v3"],
+    "softmax_temperature": 0.2,
+    "projector_layers": 3,
+    "optimizer": "adamw",
+    "base_learning_rate": 1.5e-4,
+    "weight_decay": 0.1,
+    "freeze_patch_embed": True,
+}
+PRESET_NAMES = tuple(PRESETS)
 
 
 class MocoConfig(PretrainedConfig):
@@ -79,6 +90,10 @@ class MocoConfig(PretrainedConfig):
         backbone (`str`, defaults to `"resnet50"`):
             Name of a timm model (`timm.list_models()`), created with `num_classes=0` so that it returns pooled
             features of size `num_features`.
+        cifar_stem (`bool`, defaults to `False`):
+            For timm ResNets on 32x32 images (the official CIFAR demo, lightly, solo-learn): the first convolution
+            becomes 3x3 with stride 1 and the max-pool is removed, so the last stage sees 4x4 maps instead of 1x1.
+            State-dict keys are unchanged; `conv1.weight` is (width, in_chans, 3, 3).
         backbone_kwargs (`dict`, *optional*):
             Extra keyword arguments for `timm.create_model`, e.g. `{"img_size": 32, "patch_size": 4}` for a ViT on
             CIFAR-sized images.
@@ -131,6 +146,7 @@ class MocoConfig(PretrainedConfig):
         self,
         backbone: str = "resnet50",
         backbone_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = False,
         dim: int = 128,
         queue_size: int = 65536,
         momentum: float = 0.999,
@@ -159,6 +175,7 @@ class MocoConfig(PretrainedConfig):
     ) -> None:
         self.backbone = backbone
         self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.cifar_stem = cifar_stem
         self.dim = dim
         self.queue_size = queue_size
         self.momentum = momentum
@@ -188,7 +205,8 @@ class MocoConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MocoConfig:
-        """A config with the recipe of paper `name` (`"v1"`, `"v2"` or `"v3"`); `overrides` replace any field."""
+        """A config with the recipe of paper `name` (`"v1"`, `"v2"`, `"v3"` or `"v3-vit"`); `overrides` replace any
+        field."""
         if name not in PRESETS:
             raise ValueError(f"Unknown MoCo preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
@@ -197,6 +215,7 @@ class MocoConfig(PretrainedConfig):
         """Raise `ValueError` naming the first field that is out of range."""
         _check(isinstance(self.backbone, str) and self.backbone, "backbone", self.backbone, "a timm model name")
         _check_backbone_exists(self.backbone)
+        _check(isinstance(self.cifar_stem, bool), "cifar_stem", self.cifar_stem, "True or False")
         _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
         _check(
             _is_int(self.queue_size) and self.queue_size >= 0,

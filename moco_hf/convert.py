@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from .configuration_moco import MocoConfig
+from .errors import UsageError
 from .modeling_moco import MocoModel
 
 ENCODERS = ("encoder_q", "encoder_k")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be read safely or does not have the expected layout."""
 
 

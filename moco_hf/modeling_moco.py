@@ -16,17 +16,15 @@ dictionary.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.models.resnet import ResNet
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -34,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_moco import MocoConfig
+from .loading_errors import describe_shape_mismatch
 
 
 @dataclass
@@ -158,11 +157,17 @@ def build_projection_head(in_features: int, config: MocoConfig) -> nn.Module:
     return build_mlp(config.projector_layers, in_features, hidden, config.dim, batch_norm, last_bn=batch_norm)
 
 
-def momentum_at(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
-    """Key encoder momentum at `step` of `total_steps`: constant, or (v3) m = 1 - (1 - base)(1 + cos(pi t/T))/2."""
-    if schedule == "constant":
-        return base
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))) * (1.0 - base)
+def use_cifar_stem(backbone: nn.Module, name: str) -> None:
+    """Give a timm ResNet the CIFAR stem of the MoCo CIFAR demo: conv1 3x3 with stride 1 and no max-pool (keys kept)."""
+    conv = getattr(backbone, "conv1", None)
+    if not isinstance(backbone, ResNet) or not isinstance(conv, nn.Conv2d):
+        raise ValueError(
+            f"cifar_stem=True needs a timm ResNet with a single-convolution stem (resnet18, resnet50, ...); "
+            f"{name!r} is a {type(backbone).__name__}" + (" with a deep stem" if conv is not None else "") + "."
+        )
+    backbone.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm's ResNet init
+    backbone.maxpool = nn.Identity()
 
 
 class MocoEncoder(nn.Module):
@@ -171,6 +176,8 @@ class MocoEncoder(nn.Module):
     def __init__(self, config: MocoConfig) -> None:
         super().__init__()
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+        if config.cifar_stem:
+            use_cifar_stem(self.backbone, config.backbone)
         self.head = build_projection_head(self.backbone.num_features, config)
         if config.freeze_patch_embed:  # v3: a random, fixed patch projection keeps ViT training stable
             patch_embed = getattr(self.backbone, "patch_embed", None)
@@ -252,7 +259,7 @@ class MocoModel(MocoPreTrainedModel):
         except RuntimeError as error:
             if "mismatched" not in str(error):
                 raise
-            raise ValueError(_shape_mismatch_message(pretrained_model_name_or_path, kwargs)) from error
+            raise ValueError(describe_shape_mismatch(pretrained_model_name_or_path, kwargs)) from error
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
         return model
 
@@ -377,43 +384,6 @@ class MocoModel(MocoPreTrainedModel):
             last_hidden_state=hidden, pooler_output=backbone.forward_head(hidden, pre_logits=True)
         )
 
-    def export_encoder(self, save_directory: str | Path, repo_id: str | None = None, **upload_kwargs) -> Path:
-        """Save the query backbone alone in timm's Hub format, loadable without `moco_hf`.
-
-        The folder holds `config.json` (`architecture`, `num_features`, `pretrained_cfg` with input size, mean and
-        std) and `model.safetensors` (the bare timm state dict), so that `timm.create_model("hf-hub:<repo>",
-        pretrained=True)`, `AutoModel.from_pretrained` (a `TimmWrapperModel`) and the `image-feature-extraction`
-        pipeline all load it. With `repo_id`, the folder is also uploaded to that Hub repo
-        (`upload_kwargs` go to `huggingface_hub.upload_folder`, e.g. `token`).
-        """
-        from timm.models import save_for_hf
-
-        save_directory = Path(save_directory)
-        size = self.config.image_size
-        data_config = {
-            "input_size": (self.config.backbone_kwargs.get("in_chans", 3), size, size),
-            "mean": tuple(self.config.image_mean),
-            "std": tuple(self.config.image_std),
-            "crop_pct": 1.0 if size <= 64 else 0.875,
-            "interpolation": "bicubic",
-        }
-        save_for_hf(self.encoder_q.backbone, save_directory, safe_serialization=True, data_config=data_config)
-        config_path = save_directory / "config.json"
-        config = json.loads(config_path.read_text())
-        # num_classes is a root field already; repeated in model_args it breaks AutoModel ("multiple values").
-        config.get("model_args", {}).pop("num_classes", None)
-        for inherited in ("tag", "hf_hub_id", "url", "file", "origin_url", "paper_ids", "license", "notes"):
-            config["pretrained_cfg"].pop(inherited, None)  # describe timm's weights for this name, not these
-        config_path.write_text(json.dumps(config, indent=2))
-        if repo_id is not None:
-            from huggingface_hub import create_repo, upload_folder
-
-            create_repo(
-                repo_id, exist_ok=True, token=upload_kwargs.get("token"), private=upload_kwargs.pop("private", None)
-            )
-            upload_folder(repo_id=repo_id, folder_path=save_directory, **upload_kwargs)
-        return save_directory
-
     def forward(
         self, pixel_values: torch.Tensor, key_pixel_values: torch.Tensor | None = None, **kwargs
     ) -> MocoOutput | BaseModelOutputWithPooling:
@@ -477,26 +447,3 @@ class MocoModel(MocoPreTrainedModel):
                 f"{name} must have {channels} channels (the backbone's in_chans), got {images.shape[1]} in shape "
                 f"{tuple(images.shape)}; convert images to RGB first (or set backbone_kwargs['in_chans'])."
             )
-
-
-def _shape_mismatch_message(name_or_path: str | Path, kwargs: dict) -> str:
-    """Which config.json field disagrees with the checkpoint's tensors, read from the safetensors header."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    config = kwargs.get("config") or MocoConfig.from_pretrained(name_or_path)
-    with safe_open(cached_file(name_or_path, "model.safetensors"), framework="pt") as checkpoint:
-        stored_queue_size, stored_dim = checkpoint.get_slice("queue").get_shape()
-    fields = [
-        f"{field}={value} in config.json but {stored} in the weights"
-        for field, value, stored in (
-            ("queue_size", config.queue_size, stored_queue_size),
-            ("dim", config.dim, stored_dim),
-        )
-        if value != stored
-    ]
-    return (
-        f"the checkpoint in {name_or_path} does not match its config: "
-        + ("; ".join(fields) if fields else "check `backbone`, `backbone_kwargs`, `mlp` and `mlp_hidden_dim`")
-        + "."
-    )

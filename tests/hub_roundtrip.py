@@ -29,7 +29,7 @@ def reference_inputs(workdir: Path) -> tuple[list, torch.Tensor]:
 
 
 def push(workdir: Path) -> None:
-    from moco_hf import MocoConfig, MocoModel
+    from moco_hf import MocoConfig, MocoModel, export_encoder
 
     torch.manual_seed(0)
     config = MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, image_size=32,
@@ -37,7 +37,7 @@ def push(workdir: Path) -> None:
     model = MocoModel(config).eval()
     model.queue_ptr.fill_(5)
     model.push_to_hub(FULL)
-    model.export_encoder(workdir / "encoder", repo_id=ENCODER)
+    export_encoder(model, workdir / "encoder", repo_id=ENCODER)
     _, pixels = reference_inputs(workdir)
     with torch.no_grad():
         features = model.get_image_features(pixels).pooler_output

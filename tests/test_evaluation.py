@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, launch
 
-from moco_hf import MocoConfig, MocoModel
-from training.knn import knn_accuracy
-from training.linear_eval import LinearArguments, top_k_accuracies, train_linear_classifier
+from moco_hf import MocoConfig, MocoModel, export_encoder
+from moco_hf.knn import knn_accuracy
+from moco_hf.linear_probe import LinearArguments, top_k_accuracies, train_linear_classifier
 
 NUM_CLASSES = 10
 
@@ -74,7 +74,7 @@ def random_moco(tmp_path_factory):
 def test_evaluation_commands_on_real_images(script, exported, random_moco, small_dataset, tmp_path):
     model = random_moco
     if exported:
-        model = MocoModel.from_pretrained(random_moco).export_encoder(tmp_path / "encoder")
+        model = export_encoder(MocoModel.from_pretrained(random_moco), tmp_path / "encoder")
     out = tmp_path / "eval"
     # Evaluated on its own training split: kNN with k=1 must be perfect (each image is its own nearest neighbour);
     # a linear probe on 512 features of 199 images must nearly fit them (chance is 10%).

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.cli import main as moco_hf_cli
-from moco_hf.hub import EvaluationResult, TrainingSummary, render_model_card
+from moco_hf.model_card import EvaluationResult, TrainingSummary, render_model_card
 
 ROUNDTRIP = REPO_ROOT / "tests" / "hub_roundtrip.py"
 

@@ -20,8 +20,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from moco_hf import MocoConfig, MocoModel
-from training.data import decode_image
-from training.pretrain import non_finite_tensors, save_checkpoint
+from moco_hf.checkpointing import TrainerState, non_finite_tensors, save_checkpoint
+from moco_hf.data import decode_image
+from moco_hf.errors import RunError
 
 
 def start_pretrain(*args: str) -> subprocess.Popen:
@@ -241,14 +242,12 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
     model = MocoModel(MocoConfig(backbone="resnet18", queue_size=16, dim=8))
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(model)
-    save_checkpoint(accelerator, model, tmp_path, 1, {"completed_steps": 1}, limit=None)
+    save_checkpoint(accelerator, model, tmp_path, TrainerState(completed_steps=1), limit=None)
     with torch.no_grad():
         model.encoder_q.backbone.layer3[0].conv1.weight[0, 0, 0, 0] = float("nan")
     assert non_finite_tensors(model) == ["encoder_q.backbone.layer3.0.conv1.weight"]
-    with pytest.raises(
-        FloatingPointError, match=r"non-finite at step 2 \(encoder_q\.backbone\.layer3\.0\.conv1\.weight"
-    ):
-        save_checkpoint(accelerator, model, tmp_path, 2, {"completed_steps": 2}, limit=None)
+    with pytest.raises(RunError, match=r"non-finite at step 2 \(encoder_q\.backbone\.layer3\.0\.conv1\.weight"):
+        save_checkpoint(accelerator, model, tmp_path, TrainerState(completed_steps=2), limit=None)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_1"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 

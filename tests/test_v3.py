@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from reference_moco import ReferenceMoCoV3
 from torchvision.transforms import v2
 
-from moco_hf import MocoConfig, MocoModel
-from moco_hf.modeling_moco import momentum_at
-from training.pretrain import build_optimizer
+from moco_hf import MocoConfig, MocoModel, export_encoder
+from moco_hf.optimization import build_optimizer
+from moco_hf.schedules import momentum_at
 
 
 def v3_config(**overrides) -> MocoConfig:
@@ -123,6 +123,6 @@ def test_v3_vit_trains_on_real_images_then_saves_loads_and_exports(cifar_tensor,
     loaded = MocoModel.from_pretrained(tmp_path / "v3").eval()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
-    exported = timm.create_model(f"local-dir:{model.export_encoder(tmp_path / 'encoder')}", pretrained=True).eval()
+    exported = timm.create_model(f"local-dir:{export_encoder(model, tmp_path / 'encoder')}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(images), model.get_image_features(images).pooler_output, atol=1e-5, rtol=0)

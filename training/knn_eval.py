@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/knn_eval.py` from a checkout
-
-from training.features import Split, evaluation_main
-from training.knn import knn_accuracy
+from moco_hf.evaluation import Split, evaluation_main
+from moco_hf.knn import knn_accuracy
 
 
 @dataclass

@@ -2,9 +2,7 @@
 """Linear evaluation of a frozen encoder (the protocol of the official `main_lincls.py`, adapted for speed).
 
 The backbone is frozen, so its features are extracted once (centre crops, no augmentation) and cached; a linear
-classifier is then trained on them with SGD (momentum 0.9, no weight decay, cosine schedule). Features are
-standardised with the training set's statistics first (a BatchNorm without affine parameters, as in MAE's linear
-probe), which makes one learning rate work across backbones. Top-1/top-5 accuracy through `evaluate`.
+classifier is then trained on them (`moco_hf.linear_probe`). Top-1/top-5 accuracy through `evaluate`.
 
     python training/linear_eval.py --model_name_or_path outputs/cifar10-resnet18/model
     python training/linear_eval.py --model_name_or_path outputs/cifar10-resnet18/model --random_init  # baseline
@@ -12,78 +10,10 @@ probe), which makes one learning rate work across backbones. Top-1/top-5 accurac
 
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import evaluate
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/linear_eval.py` from a checkout
-
-from training.features import Split, evaluation_main
-
-TOP_K_ACCURACY = Path(__file__).resolve().parent / "metrics" / "top_k_accuracy"
-
-
-@dataclass
-class LinearArguments:
-    epochs: int = field(default=100, metadata={"help": "Passes over the cached training features."})
-    learning_rate: float = field(default=0.1, metadata={"help": "Peak SGD learning rate (cosine to 0)."})
-    train_batch_size: int = field(default=256)
-    weight_decay: float = field(default=0.0, metadata={"help": "0, as in main_lincls.py."})
-
-
-def train_linear_classifier(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, args: LinearArguments, seed: int = 0
-) -> nn.Module:
-    """Standardisation (train statistics, frozen) followed by a linear layer trained with SGD."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    linear = nn.Linear(features.shape[1], num_classes)
-    nn.init.normal_(linear.weight, std=0.01)  # main_lincls.py's initialisation
-    nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.SGD(
-        linear.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
-    )
-    steps_per_epoch = math.ceil(features.shape[0] / args.train_batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
-    standardised = (features - mean) / std
-    for _ in tqdm(range(args.epochs), desc="linear classifier", leave=False):
-        for batch in torch.randperm(features.shape[0], generator=generator).split(args.train_batch_size):
-            loss = nn.functional.cross_entropy(linear(standardised[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return nn.Sequential(Standardise(mean, std), linear).eval()
-
-
-class Standardise(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-@torch.no_grad()
-def top_k_accuracies(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
-    """Top-k accuracies in percent, computed by the local `evaluate` metric."""
-    metric = evaluate.load(str(TOP_K_ACCURACY))
-    logits = classifier(features)
-    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices.tolist()
-    return {
-        f"top{k}": 100.0 * metric.compute(predictions=ranked, references=labels.tolist(), k=k)["top_k_accuracy"]
-        for k in ks
-        if k <= logits.shape[1]
-    }
+from moco_hf.evaluation import Split, evaluation_main
+from moco_hf.linear_probe import LinearArguments, top_k_accuracies, train_linear_classifier
 
 
 def linear_protocol(

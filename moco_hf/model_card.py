@@ -1,4 +1,4 @@
-"""Model cards for MoCo models and exported encoders, rendered from `model_cards/moco_model_card.md`."""
+"""Model cards for MoCo models and exported encoders, rendered from the package's `templates/model_card.md`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_moco import MocoConfig
 
-TEMPLATE = files("model_cards") / "moco_model_card.md"
+TEMPLATE = files("moco_hf") / "templates" / "model_card.md"
 CardKind = Literal["model", "encoder"]
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from training.data import first_line
+from .errors import first_line
 
-logger = logging.getLogger("moco_hf.pretrain")
+logger = logging.getLogger(__name__)
 
 
 class HubPublisher:

@@ -24,12 +24,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, IterableDataset, l
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
-HUB_CIFAR10 = "uoft-cs/cifar10"
+from .errors import DataError, first_line
+
+HUB_CIFAR10 = "uoft-cs/cifar10"  # the default dataset; ../shared/data/cifar10 is a copy of it
 LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
-
-
-class DataError(ValueError):
-    """A problem with the data the user pointed us at; the message says what to fix."""
 
 
 def default_dataset_name() -> str:
@@ -59,12 +57,6 @@ def load_image_dataset(name: str, split: str, streaming: bool, config_name: str 
             raise DataError(f"dataset {name!r} has no split {split!r}; its splits are {sorted(loaded.keys())}.")
         loaded = loaded[split]
     return loaded
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message ("" when it has none): one-line errors for the user."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None) -> str:
@@ -130,6 +122,14 @@ def decode_image(value: Any) -> PILImage.Image | None:
         return to_rgb(image)
     except Exception:  # a corrupt file must never stop a run: it is counted by the caller
         return None
+
+
+def dataset_rows(dataset: Dataset | IterableDataset) -> int | None:
+    """Number of rows, when known without reading the data."""
+    if hasattr(dataset, "__len__"):
+        return len(dataset)
+    splits = dataset.info.splits
+    return splits[dataset.split].num_examples if splits and dataset.split in splits else None
 
 
 def as_iterable(dataset: Dataset | IterableDataset, num_shards: int) -> IterableDataset:
@@ -235,8 +235,8 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def seed_worker_env() -> None:
-    """Keep each DataLoader worker to one intra-op thread: workers run in parallel already."""
+def limit_worker_threads(_worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: one intra-op thread per worker, since the workers run in parallel already."""
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 

@@ -1,8 +1,8 @@
 """Frozen encoder features of a labelled `datasets` split, extracted once and cached as safetensors.
 
-Shared by `knn_eval.py` and `linear_eval.py`. The encoder is either a `MocoModel` (its query backbone) or an
-encoder exported in timm's format (`moco-hf export`), from a local folder or the Hub; `random_init` gives the same
-architecture with fresh weights, the baseline a pretraining must beat.
+The library side of `training/knn_eval.py` and `training/linear_eval.py`. The encoder is either a `MocoModel` (its
+query backbone) or an encoder exported in timm's format (`moco-hf export`), from a local folder or the Hub;
+`random_init` gives the same architecture with fresh weights, the baseline a pretraining must beat.
 """
 
 from __future__ import annotations
@@ -22,17 +22,12 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
-from moco_hf import MocoConfig, MocoModel
-from training.augmentations import evaluation_transform
-from training.data import (
-    DataError,
-    default_dataset_name,
-    find_image_column,
-    find_label_column,
-    labelled_images,
-    load_image_dataset,
-)
-from training.knn import extract_features
+from .augmentation import evaluation_transform
+from .configuration_moco import MocoConfig
+from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
+from .errors import DataError, UsageError
+from .knn import extract_features
+from .modeling_moco import MocoModel
 
 logger = logging.getLogger("moco_hf.evaluation")
 
@@ -86,7 +81,7 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
             model, data["input_size"][-1], list(data["mean"]), list(data["std"]),
             f"{config['architecture']} ({'random init' if random_init else name_or_path})",
         )  # fmt: skip
-    raise DataError(f"{name_or_path} holds neither a MocoModel nor a timm encoder (config.json has neither "
+    raise UsageError(f"{name_or_path} holds neither a MocoModel nor a timm encoder (config.json has neither "
                     "model_type 'moco' nor 'architecture').")  # fmt: skip
 
 
@@ -149,7 +144,7 @@ def evaluation_main(
         encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
         train = split_features(args, encoder, args.train_split)
         evaluation = split_features(args, encoder, args.eval_split)
-    except DataError as error:
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     num_classes = int(max(train[1].max(), evaluation[1].max())) + 1

@@ -1,1 +1,0 @@
-"""Model card templates of moco-hf (rendered by `moco_hf.hub.render_model_card`)."""
