@@ -60,7 +60,7 @@ def run(batch_size: int, queue_size: int, args: argparse.Namespace, output: Path
     return {
         "negatives": f"queue K={queue_size}" if queue_size else "in-batch",
         "global_batch": batch_size,
-        "knn_top1": json.loads((output / "results.json").read_text())["knn_top1_final"],
+        "knn_top1": json.loads((output / "results.json").read_text())["knn_top1"],
         "ms_per_step": 1e3 * batch_size / images_per_second,
         "images_per_s": images_per_second,
         "peak_rss_mib": usage.ru_maxrss / 1024,

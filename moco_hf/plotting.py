@@ -46,3 +46,19 @@ def plot_training_curves(metrics_path: Path, knn_history: list[dict], output: Pa
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return output
+
+
+def plot_knn_curve(curve: list[dict], output: Path, title: str) -> Path:
+    """Weighted kNN top-1 against epochs (`knn_curve.json` rows: step, epoch, knn_top1); returns the PNG's path."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([point["epoch"] for point in curve], [point["knn_top1"] for point in curve], "o-", color="tab:green")
+    if curve:
+        ax.annotate(f"{curve[-1]['knn_top1']:.1f}%", (curve[-1]["epoch"], curve[-1]["knn_top1"]),
+                    textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
+    ax.set(title=f"kNN top-1 ({title})", xlabel="epoch", ylabel="top-1 (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

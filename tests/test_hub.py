@@ -76,7 +76,7 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
     # The card shows this run's real values and metrics, and its metadata parses as the Hub's.
     card = card_of(hub, "tester/cifar-moco")
     results = json.loads((out / "results.json").read_text())
-    final_knn = results["knn_top1_final"]
+    final_knn = results["knn_top1"]
     assert card.data.pipeline_tag == "image-feature-extraction" and card.data.library_name == "transformers"
     assert {"moco", "self-supervised", "timm"} <= set(card.data.tags)
     (evaluation,) = card.data.eval_results

@@ -1,12 +1,14 @@
 """training/pretrain.py end to end on real images: streaming or not, bad files, resume, clear errors."""
 
+import importlib.util
 import json
 import shutil
+from dataclasses import fields
 
 import pytest
 import torch
 from conftest import FAST_TRAINING as FAST
-from conftest import run_pretrain
+from conftest import PRETRAIN, run_pretrain
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -31,7 +33,7 @@ def test_trains_and_counts_undecodable_images(small_dataset, tmp_path, streaming
     assert [m["step"] for m in metrics] == list(range(1, 15))
     assert metrics[-1]["skipped_images"] == 1 and metrics[-1]["queue_fill"] == 1.0
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    assert 0 <= results["knn_top1_final"] <= 100 and results["knn_top1_initial"] is not None
+    assert 0 <= results["knn_top1"] <= 100 and results["knn_top1_initial"] is not None
     assert "kNN top-1 (k=20) on test: random init" in result.stdout
     assert (out / "training_curves.png").stat().st_size > 10_000
     model = AutoModel.from_pretrained(out / "model")
@@ -61,6 +63,39 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(small_dataset, tmp_
             state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"], atol=1e-6, rtol=0
         )
     assert json.loads((b / "trainer_state.json").read_text())["completed_steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image_size", "0"], "error: MocoConfig.image_size must be a positive integer, got 0."),
+        (["--backbone", "resnet19"], "error: MocoConfig.backbone 'resnet19' is not a timm model. Did you mean"),
+        (
+            ["--lerning_rate", "0.1"],
+            "error: Some specified arguments are not used by the HfArgumentParser: "
+            "['--lerning_rate', '0.1'] (see --help).",
+        ),
+        (["--max_train_step", "5"], "['--max_train_step', '5']"),  # no silent abbreviation of --max_train_steps
+        (["--preset", "v4"], "argument --preset: invalid choice: 'v4'"),
+    ],
+)
+def test_invalid_values_and_unknown_arguments_stop_at_once_with_one_line(tmp_path, extra, message):
+    result = run_pretrain("--output_dir", str(tmp_path), *extra, timeout=120)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_help_lists_the_choices_and_documents_every_argument():
+    result = run_pretrain("--help", timeout=120)
+    assert result.returncode == 0
+    assert "{v1,v2,v3,v3-vit}" in result.stdout and "{auto,ddp,split,none}" in result.stdout
+    spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    arguments = [*fields(pretrain.ModelArguments), *fields(pretrain.DataArguments), *fields(pretrain.TrainArguments)]
+    assert not [argument.name for argument in arguments if not argument.metadata.get("help")]
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -62,7 +63,7 @@ from moco_hf.hub_upload import HubPublisher
 from moco_hf.knn import KnnMonitor, KnnSplits
 from moco_hf.model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
 from moco_hf.optimization import build_optimizer
-from moco_hf.plotting import plot_training_curves
+from moco_hf.plotting import plot_knn_curve, plot_training_curves
 from moco_hf.schedules import learning_rate_scheduler, momentum_at
 
 logger = logging.getLogger("moco_hf.pretrain")
@@ -242,12 +243,12 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
             f"the global batch ({micro_batch} per process x {world} processes) is larger than the dataset "
             f"({rows} images); lower --per_device_train_batch_size."
         )
-    if train_args.max_train_steps is not None:
-        total_steps = train_args.max_train_steps
-    elif rows is not None:
-        total_steps = max(1, int(train_args.num_train_epochs * rows // global_batch))
-    else:
+    if train_args.max_train_steps is None and rows is None:
         raise UsageError("the stream's length is unknown: pass --max_train_steps.")
+    steps_per_epoch = max(1, (rows or 0) // global_batch)  # an epoch is whole steps; the rest waits for the next
+    total_steps = train_args.max_train_steps
+    if total_steps is None:
+        total_steps = max(1, round(train_args.num_train_epochs * steps_per_epoch))
     stream = as_iterable(train_set, num_shards=max(1, world * max(1, data_args.dataloader_num_workers)))
     stream = shard_for_process(stream, accelerator.process_index, world)
     buffer = data_args.shuffle_buffer_size if rows is None or data_args.streaming else min(
@@ -260,7 +261,7 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
         micro_batch=micro_batch,
         global_batch=global_batch,
         total_steps=total_steps,
-        steps_per_epoch=max(1, (rows or global_batch * total_steps) // global_batch),
+        steps_per_epoch=steps_per_epoch if rows is not None else total_steps,
         num_workers=usable_workers(stream, data_args.dataloader_num_workers),
     )
 
@@ -552,15 +553,24 @@ def finish(run: Run, state: TrainerState) -> None:
         run.publisher.upload(run.output_dir / "model", f"End of training, step {state.completed_steps}")
     history = state.knn_history
     initial = history[0]["knn_top1"] if history and history[0]["step"] == 0 else None
+    epochs = state.completed_steps / run.plan.steps_per_epoch
     results = {
+        "knn_top1": accuracy,
         "knn_top1_initial": initial,
-        "knn_top1_final": accuracy,
-        "skipped_images": state.skipped_images,
+        "knn_split": run.knn_splits.query_split_slice,
         "steps": state.completed_steps,
+        "epochs": epochs,
         "global_batch_size": run.plan.global_batch,
         "train_seconds": run.training_seconds(),
+        "seconds_per_epoch": run.training_seconds() / max(epochs, 1e-9),
+        "skipped_images": state.skipped_images,
+        "device": describe_hardware(run.accelerator.num_processes, run.accelerator.device),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    curve = [{**point, "epoch": point["step"] / run.plan.steps_per_epoch} for point in history]
+    (run.output_dir / "knn_curve.json").write_text(json.dumps(curve, indent=2))
+    plot_knn_curve(curve, run.output_dir / "knn_curve.png", f"{run.config.backbone}, {results['knn_split']}")
     plot_training_curves(run.metrics_path, history, run.output_dir / "training_curves.png")
     if state.skipped_images:
         logger.warning("%d images could not be decoded and were skipped.", state.skipped_images)

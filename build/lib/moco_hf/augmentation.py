@@ -1,0 +1,119 @@
+"""The papers' two-crop augmentations, built from torchvision transforms v2.
+
+Each view maps a PIL image (or a uint8 tensor) to one normalised `(3, size, size)` float tensor; `TwoCropsTransform`
+makes the query and the key view of the same image. One builder, `moco_view`, makes every recipe from a `ViewRecipe`:
+
+* v1 (official `main_moco.py`): crop scale (0.2, 1), grayscale p=0.2 then colour jitter (0.4, 0.4, 0.4, 0.4), flip;
+* v2 (`--aug-plus`): colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur p=0.5, flip;
+* v3 (BYOL's asymmetric pair): crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 1
+  always blurred and never solarized, view 2 blurred with p=0.1 and solarized with p=0.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import v2
+
+Transform = Callable[[object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """The random transforms of one view, as the papers give them (probabilities and torchvision's ranges)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    grayscale_first: bool = False  # v1 turns grey before the jitter
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    flip_p: float = 0.5
+
+
+V1_VIEW = ViewRecipe(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True, blur_p=0.0)
+V3_VIEW = ViewRecipe(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
+RECIPES: dict[str, tuple[ViewRecipe, ViewRecipe]] = {  # (query view, key view)
+    "v1": (V1_VIEW, V1_VIEW),
+    "v2": (ViewRecipe(), ViewRecipe()),
+    "v3": (replace(V3_VIEW, blur_p=1.0), replace(V3_VIEW, blur_p=0.1, solarize_p=0.2)),
+}
+
+
+def _maybe(transform: v2.Transform, p: float) -> list[v2.Transform]:
+    """`transform` applied with probability `p` (no wrapper when it always or never applies)."""
+    if p <= 0:
+        return []
+    return [transform] if p >= 1 else [v2.RandomApply([transform], p=p)]
+
+
+def blur_kernel_size(size: int) -> int:
+    """An odd kernel about 10% of the crop (23 px at 224, as SimCLR; 3 px at 32)."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def moco_view(recipe: ViewRecipe, size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """One view of `recipe` at crop size `size`, normalised with `mean`/`std`."""
+    jitter = _maybe(v2.ColorJitter(*recipe.jitter), recipe.jitter_p)
+    grayscale = [v2.RandomGrayscale(p=recipe.grayscale_p)]
+    colour = grayscale + jitter if recipe.grayscale_first else jitter + grayscale
+    return v2.Compose(
+        [
+            v2.ToImage(),  # uint8 tensors from here on: faster than PIL for every op below
+            v2.RandomResizedCrop(size, scale=recipe.crop_scale, antialias=True),
+            *colour,
+            *_maybe(v2.GaussianBlur(blur_kernel_size(size), sigma=recipe.blur_sigma), recipe.blur_p),
+            *_maybe(v2.RandomSolarize(threshold=128, p=1.0), recipe.solarize_p),
+            v2.RandomHorizontalFlip(p=recipe.flip_p),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def evaluation_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Resize the short side to size/0.875 and centre-crop (no resize when the image already has `size`)."""
+    resize = size if size <= 64 else round(size / 0.875)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+class TwoCropsTransform:
+    """The query view and the key view of one image: two draws of the same augmentation (v1, v2), or one draw of
+    each of two (v3's asymmetric pair)."""
+
+    def __init__(self, transform: Transform, key_transform: Transform | None = None) -> None:
+        self.transform = transform
+        self.key_transform = key_transform or transform
+
+    def __call__(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.key_transform(image)
+
+    def __repr__(self) -> str:
+        return f"TwoCropsTransform({self.transform}, {self.key_transform})"
+
+
+def build_two_crops(
+    recipe: str,
+    size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> TwoCropsTransform:
+    """The two-crop transform of recipe `"v1"`, `"v2"` or `"v3"` at crop size `size`."""
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown augmentation {recipe!r}; choose one of {sorted(RECIPES)}.")
+    query_view, key_view = RECIPES[recipe]
+    query = moco_view(query_view, size, mean, std)
+    return TwoCropsTransform(query, None if key_view == query_view else moco_view(key_view, size, mean, std))

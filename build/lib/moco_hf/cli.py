@@ -1,0 +1,87 @@
+"""`moco-hf` console command: export encoders and convert official MoCo checkpoints.
+
+moco-hf export MODEL OUTPUT_DIR [--repo_id USER/NAME]   # query backbone in timm's format (+ model card)
+moco-hf convert official.pth.tar OUTPUT_DIR            # facebookresearch/moco -> MocoModel (save_pretrained)
+moco-hf convert MODEL out.pth.tar --to official        # MocoModel -> facebookresearch/moco layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+
+def export(args: argparse.Namespace) -> None:
+    from .export import export_encoder
+    from .loading_errors import check_is_moco_model
+    from .model_card import render_model_card
+    from .modeling_moco import MocoModel
+
+    check_is_moco_model(args.model)
+    model = MocoModel.from_pretrained(args.model)
+    try:
+        output = export_encoder(model, args.output_dir)
+    except ValueError as error:  # an encoder timm cannot rebuild (CIFAR stem)
+        raise UsageError(str(error)) from error
+    render_model_card(model.config, args.repo_id or output.name, kind="encoder").save(output / "README.md")
+    if args.repo_id:
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(args.repo_id, exist_ok=True, private=args.private, token=args.token)
+        upload_folder(repo_id=args.repo_id, folder_path=output, token=args.token, commit_message="MoCo encoder")
+    print(f"Encoder written to {output}" + (f" and pushed to {args.repo_id}" if args.repo_id else ""))
+
+
+def convert(args: argparse.Namespace) -> None:
+    from .convert import load_torch_checkpoint, moco_to_official, official_to_moco
+    from .modeling_moco import MocoModel
+
+    if args.to == "official":
+        model = MocoModel.from_pretrained(args.source)
+        torch.save(moco_to_official(model), args.output)
+    else:
+        model = official_to_moco(load_torch_checkpoint(args.source), backbone=args.backbone)
+        model.save_pretrained(args.output)
+    print(f"Converted {args.source} -> {args.output} ({args.to} layout)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moco-hf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export_parser = commands.add_parser("export", help="Export the query backbone in timm's Hub format.")
+    export_parser.add_argument("model", help="A MocoModel folder or Hub repo id.")
+    export_parser.add_argument("output_dir", type=Path)
+    export_parser.add_argument("--repo_id", help="Also push the encoder to this Hub repo.")
+    export_parser.add_argument("--token", help="Hub token (default: the logged-in one).")
+    export_parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    export_parser.set_defaults(run=export)
+
+    convert_parser = commands.add_parser("convert", help="Convert between official MoCo checkpoints and MocoModel.")
+    convert_parser.add_argument("source", help="Official checkpoint (.pth.tar), or a MocoModel with --to official.")
+    convert_parser.add_argument("output", type=Path, help="MocoModel folder, or .pth.tar with --to official.")
+    convert_parser.add_argument("--to", choices=("moco_hf", "official"), default="moco_hf")
+    convert_parser.add_argument("--backbone", default="resnet50", help="timm name of the official torchvision arch.")
+    convert_parser.set_defaults(run=convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .convert import CheckpointError
+
+    try:
+        args.run(args)
+    except (CheckpointError, UsageError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

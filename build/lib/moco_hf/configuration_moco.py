@@ -1,0 +1,285 @@
+"""Configuration of MoCo (Momentum Contrast) models over timm backbones."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from transformers import PretrainedConfig
+
+SHUFFLE_BN_MODES = ("auto", "ddp", "split", "none")
+AUGMENTATIONS = ("v1", "v2", "v3")
+LR_SCHEDULES = ("step", "cosine")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+# The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
+PRESETS: dict[str, dict[str, Any]] = {
+    # He et al. 2019, "Momentum Contrast for Unsupervised Visual Representation Learning".
+    "v1": {
+        "dim": 128,
+        "queue_size": 65536,
+        "momentum": 0.999,
+        "softmax_temperature": 0.07,
+        "mlp": False,
+        "augmentation": "v1",
+        "lr_schedule": "step",
+        "base_learning_rate": 0.03,
+        "weight_decay": 1e-4,
+        "sgd_momentum": 0.9,
+    },
+    # Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning": MLP head, T=0.2,
+    # blur augmentation, cosine schedule.
+    "v2": {
+        "dim": 128,
+        "queue_size": 65536,
+        "momentum": 0.999,
+        "softmax_temperature": 0.2,
+        "mlp": True,
+        "augmentation": "v2",
+        "lr_schedule": "cosine",
+        "base_learning_rate": 0.03,
+        "weight_decay": 1e-4,
+        "sgd_momentum": 0.9,
+    },
+    # Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers" (the ResNet-50
+    # recipe; "v3-vit" below for ViTs): no queue, the other keys of the
+    # global batch are the negatives; BatchNorm MLP heads and a predictor; symmetric loss scaled by 2T; momentum
+    # on a cosine schedule from 0.99 to 1; LARS; asymmetric blur/solarize augmentation.
+    "v3": {
+        "dim": 256,
+        "queue_size": 0,
+        "momentum": 0.99,
+        "momentum_schedule": "cosine",
+        "softmax_temperature": 1.0,
+        "mlp": True,
+        "mlp_hidden_dim": 4096,
+        "projector_layers": 2,
+        "head_batch_norm": True,
+        "predictor": True,
+        "symmetric_loss": True,
+        "shuffle_bn": "none",
+        "augmentation": "v3",
+        "lr_schedule": "cosine",
+        "optimizer": "lars",
+        "base_learning_rate": 0.6,
+        "weight_decay": 1e-6,
+        "sgd_momentum": 0.9,
+    },
+}
+# The v3 recipe for ViTs (the official `main_moco.py` ViT settings; backbone e.g. "vit_small_patch16_224"): T=0.2,
+# a 3-layer projector, AdamW at 1.5e-4 per 256 images with weight decay 0.1, and a frozen random patch projection.
+PRESETS["v3-vit"] = {
+    **PRESETS["v3"],
+    "softmax_temperature": 0.2,
+    "projector_layers": 3,
+    "optimizer": "adamw",
+    "base_learning_rate": 1.5e-4,
+    "weight_decay": 0.1,
+    "freeze_patch_embed": True,
+}
+PRESET_NAMES = tuple(PRESETS)
+
+
+class MocoConfig(PretrainedConfig):
+    r"""Configuration of a [`MocoModel`].
+
+    Defaults follow MoCo v1 (He et al. 2019); `MocoConfig.from_preset("v2")` gives MoCo v2 (Chen et al. 2020).
+
+    Args:
+        backbone (`str`, defaults to `"resnet50"`):
+            Name of a timm model (`timm.list_models()`), created with `num_classes=0` so that it returns pooled
+            features of size `num_features`.
+        cifar_stem (`bool`, defaults to `False`):
+            For timm ResNets on 32x32 images (the official CIFAR demo, lightly, solo-learn): the first convolution
+            becomes 3x3 with stride 1 and the max-pool is removed, so the last stage sees 4x4 maps instead of 1x1.
+            State-dict keys are unchanged; `conv1.weight` is (width, in_chans, 3, 3).
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model`, e.g. `{"img_size": 32, "patch_size": 4}` for a ViT on
+            CIFAR-sized images.
+        dim (`int`, defaults to 128):
+            Dimension of the embedding the contrastive loss compares (output of the projection head).
+        queue_size (`int`, defaults to 65536):
+            K, the number of negative keys kept in the queue. Need not be a multiple of the batch size: the queue
+            wraps around. `0`: no queue; the negatives are the other keys of the (global) batch, as in SimCLR and
+            MoCo v3.
+        momentum (`float`, defaults to 0.999):
+            m in `theta_k <- m * theta_k + (1 - m) * theta_q`.
+        softmax_temperature (`float`, defaults to 0.07):
+            T of the InfoNCE loss (the paper's "temperature"; named so because `temperature` is reserved for
+            generation parameters by `transformers`).
+        mlp (`bool`, defaults to `False`):
+            Projection head: `False` is v1's single Linear layer, `True` is v2's Linear-ReLU-Linear.
+        mlp_hidden_dim (`int`, *optional*):
+            Hidden width of the MLP head; defaults to the backbone's `num_features` (as in v2).
+        projector_layers (`int`, defaults to 2):
+            Linear layers of the MLP projection head (v2: 2; v3: 2 for ResNets, 3 for ViTs).
+        head_batch_norm (`bool`, defaults to `False`):
+            v3 heads: BatchNorm after each hidden Linear (bias-free) and a final affine-free BatchNorm.
+        predictor (`bool`, defaults to `False`):
+            v3: a 2-layer prediction MLP (`predictor_hidden_dim`, default `mlp_hidden_dim`) on the query side only.
+        predictor_hidden_dim (`int`, *optional*): hidden width of the predictor.
+        symmetric_loss (`bool`, defaults to `False`):
+            Both views serve as queries: `ctr(q1, k2) + ctr(q2, k1)`, each term scaled by 2T as in MoCo v3.
+        momentum_schedule (`str`, defaults to `"constant"`):
+            `"cosine"` raises m from `momentum` to 1 over training (v3); the trainer sets it each step.
+        freeze_patch_embed (`bool`, defaults to `False`):
+            v3's stability trick for ViTs: a frozen (random) patch projection.
+        shuffle_bn (`str`, defaults to `"auto"`):
+            How the key encoder's batch statistics are kept from leaking the positive pair: `"ddp"` shuffles the key
+            batch across processes (gather, permute, encode the local shard, unshuffle); `"split"` emulates that on
+            one process by normalising `num_splits` groups of the batch separately (SplitBatchNorm) after a shuffle;
+            `"none"` does nothing. `"auto"` picks `"ddp"` when `torch.distributed` runs with more than one process,
+            else `"split"`.
+        num_splits (`int`, defaults to 8):
+            Number of BatchNorm groups of the `"split"` emulation (the official CIFAR demo's `bn_splits`).
+        image_size, image_mean, image_std (defaults 224 and ImageNet's statistics):
+            The preprocessing the encoder was trained with; exported encoders carry it in timm's `pretrained_cfg`.
+        augmentation, lr_schedule, optimizer, base_learning_rate, weight_decay, sgd_momentum:
+            The training recipe read by `training/pretrain.py` (`base_learning_rate` is per 256 images and scales
+            linearly with the global batch). Stored here so a checkpoint says how it was trained.
+    """
+
+    model_type = "moco"
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_kwargs: dict[str, Any] | None = None,
+        cifar_stem: bool = False,
+        dim: int = 128,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        softmax_temperature: float = 0.07,
+        mlp: bool = False,
+        mlp_hidden_dim: int | None = None,
+        projector_layers: int = 2,
+        head_batch_norm: bool = False,
+        predictor: bool = False,
+        predictor_hidden_dim: int | None = None,
+        symmetric_loss: bool = False,
+        momentum_schedule: str = "constant",
+        freeze_patch_embed: bool = False,
+        shuffle_bn: str = "auto",
+        num_splits: int = 8,
+        image_size: int = 224,
+        image_mean: list[float] | tuple[float, ...] = (0.485, 0.456, 0.406),
+        image_std: list[float] | tuple[float, ...] = (0.229, 0.224, 0.225),
+        augmentation: str = "v1",
+        lr_schedule: str = "step",
+        optimizer: str = "sgd",
+        base_learning_rate: float = 0.03,
+        weight_decay: float = 1e-4,
+        sgd_momentum: float = 0.9,
+        **kwargs: Any,
+    ) -> None:
+        self.backbone = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.cifar_stem = cifar_stem
+        self.dim = dim
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.softmax_temperature = softmax_temperature
+        self.mlp = mlp
+        self.mlp_hidden_dim = mlp_hidden_dim
+        self.projector_layers = projector_layers
+        self.head_batch_norm = head_batch_norm
+        self.predictor = predictor
+        self.predictor_hidden_dim = predictor_hidden_dim
+        self.symmetric_loss = symmetric_loss
+        self.momentum_schedule = momentum_schedule
+        self.freeze_patch_embed = freeze_patch_embed
+        self.shuffle_bn = shuffle_bn
+        self.num_splits = num_splits
+        self.image_size = image_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.augmentation = augmentation
+        self.lr_schedule = lr_schedule
+        self.optimizer = optimizer
+        self.base_learning_rate = base_learning_rate
+        self.weight_decay = weight_decay
+        self.sgd_momentum = sgd_momentum
+        super().__init__(**kwargs)
+        self.validate_moco()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MocoConfig:
+        """A config with the recipe of paper `name` (`"v1"`, `"v2"`, `"v3"` or `"v3-vit"`); `overrides` replace any
+        field."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown MoCo preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate_moco(self) -> None:
+        """Raise `ValueError` naming the first field that is out of range."""
+        _check(isinstance(self.backbone, str) and self.backbone, "backbone", self.backbone, "a timm model name")
+        _check_backbone_exists(self.backbone)
+        _check(isinstance(self.cifar_stem, bool), "cifar_stem", self.cifar_stem, "True or False")
+        _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
+        _check(
+            _is_int(self.queue_size) and self.queue_size >= 0,
+            "queue_size",
+            self.queue_size,
+            "an integer >= 0 (K, the number of negative keys)",
+        )
+        _check(
+            _is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum, "a number in [0, 1]"
+        )
+        _check(
+            _is_number(self.softmax_temperature) and self.softmax_temperature > 0,
+            "softmax_temperature",
+            self.softmax_temperature,
+            "a number > 0",
+        )
+        for name in ("mlp_hidden_dim", "predictor_hidden_dim"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value > 0), name, value, "a positive integer or None")
+        _check(
+            _is_int(self.projector_layers) and self.projector_layers >= 2,
+            "projector_layers",
+            self.projector_layers,
+            "an integer >= 2",
+        )
+        _check(
+            self.momentum_schedule in MOMENTUM_SCHEDULES,
+            "momentum_schedule",
+            self.momentum_schedule,
+            f"one of {MOMENTUM_SCHEDULES}",
+        )
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
+        _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
+        _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
+        _check(_is_int(self.image_size) and self.image_size > 0, "image_size", self.image_size, "a positive integer")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            _check(len(value) == 3 and all(_is_number(v) for v in value), name, value, "3 numbers (one per channel)")
+        _check(all(v > 0 for v in self.image_std), "image_std", self.image_std, "positive numbers")
+        _check(self.augmentation in AUGMENTATIONS, "augmentation", self.augmentation, f"one of {AUGMENTATIONS}")
+        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        for name in ("base_learning_rate", "weight_decay", "sgd_momentum"):
+            value = getattr(self, name)
+            _check(_is_number(value) and value >= 0, name, value, "a number >= 0")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: Any, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"MocoConfig.{field} must be {expected}, got {value!r}.")
+
+
+def _check_backbone_exists(name: str) -> None:
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else " See timm.list_models()."
+    raise ValueError(f"MocoConfig.backbone {name!r} is not a timm model.{hint}")

@@ -1,0 +1,124 @@
+"""Conversion between checkpoints of the official facebookresearch/moco (and moco-v3) code and `MocoModel`.
+
+The official `main_moco.py` saves `{"arch", "epoch", "state_dict", "optimizer"}` where `state_dict` holds
+`module.encoder_q.*` / `module.encoder_k.*` (a torchvision ResNet whose `fc` is the projection head: a Linear for
+v1, `Sequential(Linear, ReLU, Linear)` for v2), `module.queue` of shape `(dim, K)` and `module.queue_ptr`.
+timm's ResNets use torchvision's parameter names, so the backbone maps one to one; `fc` becomes `head` and the
+queue is transposed to our `(K, dim)` layout.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .configuration_moco import MocoConfig
+from .errors import UsageError
+from .modeling_moco import MocoModel
+
+ENCODERS = ("encoder_q", "encoder_k")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read safely or does not have the expected layout."""
+
+
+def load_torch_checkpoint(path: str | Path) -> dict:
+    """`torch.load(..., weights_only=True)`: tensors and plain containers only, never code from the pickle."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} is a pickle that needs more than tensors and plain Python values to load (it would import or "
+            f"run code), so it was refused. Only load it with weights_only=False if you trust its origin. "
+            f"Details: {str(error).splitlines()[0]}"
+        ) from error
+
+
+def official_to_moco(checkpoint: dict, backbone: str = "resnet50", **config_overrides) -> MocoModel:
+    """A `MocoModel` on the timm `backbone` holding an official checkpoint's encoders (and queue): MoCo v1/v2
+    (facebookresearch/moco) or MoCo v3 with a ResNet (facebookresearch/moco-v3)."""
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    if any(key.startswith("base_encoder.") for key in state):
+        return _official_v3_to_moco(state, backbone, **config_overrides)
+    if "queue" not in state or not any(key.startswith("encoder_q.") for key in state):
+        raise CheckpointError(
+            "not a MoCo checkpoint of the official code: expected `module.encoder_q.*` and `module.queue` (v1/v2) "
+            f"or `module.base_encoder.*` (v3) in its state_dict, found keys such as {sorted(state)[:5]}."
+        )
+    queue = state["queue"]  # (dim, K)
+    mlp = "encoder_q.fc.0.weight" in state
+    config = MocoConfig.from_preset(
+        "v2" if mlp else "v1",
+        backbone=backbone,
+        dim=queue.shape[0],
+        queue_size=queue.shape[1],
+        mlp_hidden_dim=state["encoder_q.fc.0.weight"].shape[0] if mlp else None,
+        **config_overrides,
+    )
+    converted = {"queue": queue.T.contiguous(), "queue_ptr": state["queue_ptr"].long().reshape(1)}
+    for key, value in state.items():
+        encoder, _, name = key.partition(".")
+        if encoder in ENCODERS:
+            head, _, rest = name.partition(".")
+            converted[f"{encoder}.head.{rest}" if head == "fc" else f"{encoder}.backbone.{name}"] = value
+    return _load(config, converted, backbone)
+
+
+# MoCo v3 (facebookresearch/moco-v3, `moco/builder.py`): `base_encoder` / `momentum_encoder` are torchvision ResNets
+# whose `fc` is the BatchNorm projection MLP, `predictor` the prediction MLP. Same layer order as our `build_mlp`.
+V3_ENCODERS = {"base_encoder": "encoder_q", "momentum_encoder": "encoder_k"}
+
+
+def _official_v3_to_moco(state: dict, backbone: str, **config_overrides) -> MocoModel:
+    projector = [key for key in state if key.startswith("base_encoder.fc.") and state[key].ndim == 2]
+    predictor_out = state[max(k for k in state if k.startswith("predictor.") and state[k].ndim == 2)]
+    config = MocoConfig.from_preset(
+        "v3",
+        backbone=backbone,
+        dim=predictor_out.shape[0],
+        mlp_hidden_dim=state["base_encoder.fc.0.weight"].shape[0],
+        projector_layers=len(projector),
+        **config_overrides,
+    )
+    # v3 keeps no queue: an empty one (K=0) and its pointer.
+    converted = {"queue": torch.empty(0, config.dim), "queue_ptr": torch.zeros(1, dtype=torch.long)}
+    for key, value in state.items():
+        part, _, name = key.partition(".")
+        if part == "predictor":
+            converted[key] = value
+        elif part in V3_ENCODERS:
+            head, _, rest = name.partition(".")
+            converted[
+                f"{V3_ENCODERS[part]}.head.{rest}" if head == "fc" else f"{V3_ENCODERS[part]}.backbone.{name}"
+            ] = value
+    return _load(config, converted, backbone)
+
+
+def _load(config: MocoConfig, state: dict, backbone: str) -> MocoModel:
+    model = MocoModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint does not fit timm's {backbone!r}: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    return model
+
+
+def moco_to_official(model: MocoModel) -> dict:
+    """The official code's checkpoint layout (`{"arch", "state_dict"}`), e.g. for its `main_lincls.py`: moco-v3's
+    for a model with a predictor, facebookresearch/moco's otherwise."""
+    v3 = model.predictor is not None
+    names = {v: k for k, v in V3_ENCODERS.items()} if v3 else {encoder: encoder for encoder in ENCODERS}
+    state = {} if v3 else {"module.queue": model.queue.T.contiguous(), "module.queue_ptr": model.queue_ptr.clone()}
+    for key, value in model.state_dict().items():
+        part, _, name = key.partition(".")
+        if part in names:
+            layer, _, rest = name.partition(".")
+            state[f"module.{names[part]}.{f'fc.{rest}' if layer == 'head' else rest}"] = value
+        elif part == "predictor":
+            state[f"module.{key}"] = value
+    return {"arch": model.config.backbone, "state_dict": state}

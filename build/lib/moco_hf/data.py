@@ -1,0 +1,256 @@
+"""Image datasets from `datasets` (Hub ids, image folders, parquet or arrow files) as streams of two-crop batches.
+
+Every dataset, streamed or not, is read as a `datasets.IterableDataset`, sharded per process with
+`split_dataset_by_node` and per DataLoader worker by `datasets` itself. Images are decoded here (not by `datasets`),
+so that one that fails to decode is skipped and counted rather than fatal. The augmentation of each image is seeded
+by (seed, epoch, rank, worker, position): the batches are a pure function of the settings, so a resumed run sees
+exactly the data that an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Image, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from PIL import Image as PILImage
+
+from .errors import DataError, first_line
+
+HUB_CIFAR10 = "uoft-cs/cifar10"  # the default dataset; ../shared/data/cifar10 is a copy of it
+LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+def default_dataset_name() -> str:
+    """CIFAR-10: `../shared/data/cifar10` beside the project (or the working directory) if present, else the Hub's."""
+    project_root = Path(__file__).resolve().parents[1]
+    for candidate in (project_root.parent / "shared" / "data" / "cifar10", Path("../shared/data/cifar10")):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return HUB_CIFAR10
+
+
+def load_image_dataset(name: str, split: str, streaming: bool, config_name: str | None = None):
+    """Load split `split` of `name`: a Hub id, a folder (parquet/arrow files or an image folder) or data files."""
+    path = Path(name)
+    try:
+        if path.is_file() and path.suffix in LOCAL_FORMATS:
+            loaded = load_dataset(LOCAL_FORMATS[path.suffix], data_files={split: str(path)}, streaming=streaming)
+        else:
+            loaded = load_dataset(name, config_name, streaming=streaming)
+    except Exception as error:  # datasets raises many types here; the user needs one line
+        where = "local path" if path.exists() else "Hub dataset id (or local path; none exists here)"
+        raise DataError(
+            f"could not load --dataset_name {name!r} as a {where}: {type(error).__name__}: {first_line(error)}"
+        ) from error
+    if isinstance(loaded, (DatasetDict, dict)) or hasattr(loaded, "keys"):
+        if split not in loaded:
+            raise DataError(f"dataset {name!r} has no split {split!r}; its splits are {sorted(loaded.keys())}.")
+        loaded = loaded[split]
+    return loaded
+
+
+def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None) -> str:
+    """`image_column` if given (checked), else the only column of type `datasets.Image`."""
+    features = dataset.features or {}
+    if image_column is not None:
+        if image_column not in features:
+            raise DataError(
+                f"--image_column {image_column!r} is not a column of the dataset; its columns are {sorted(features)}."
+            )
+        return image_column
+    candidates = [name for name, feature in features.items() if isinstance(feature, Image)]
+    if len(candidates) != 1:
+        what = "no column of type Image" if not candidates else f"several Image columns {candidates}"
+        raise DataError(f"the dataset has {what} (columns: {sorted(features)}); pass --image_column NAME.")
+    return candidates[0]
+
+
+def find_label_column(dataset: Dataset | IterableDataset, label_column: str | None) -> str:
+    """`label_column` if given, else the only `ClassLabel` column, else a column named `label`/`labels`."""
+    features = dataset.features or {}
+    if label_column is not None:
+        if label_column not in features:
+            raise DataError(f"--label_column {label_column!r} is not a column; the columns are {sorted(features)}.")
+        return label_column
+    candidates = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
+    candidates = candidates or [name for name in ("label", "labels") if name in features]
+    if len(candidates) != 1:
+        raise DataError(f"cannot tell the label column among {sorted(features)}; pass --label_column NAME.")
+    return candidates[0]
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """RGB whatever the mode: palette/alpha over black, 16-bit scaled to 8 bits, CMYK and grey converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.uint32)
+        scale = 256 if array.max(initial=0) > 255 else 1
+        image = PILImage.fromarray((array // scale).clip(0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = PILImage.new("RGBA", image.size, (0, 0, 0, 255))
+        image = PILImage.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def decode_image(value: Any) -> PILImage.Image | None:
+    """A `datasets.Image(decode=False)` value (bytes or path) as an RGB PIL image; None if it cannot be decoded."""
+    try:
+        if isinstance(value, PILImage.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            image = PILImage.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            image = PILImage.open(value["path"])
+        else:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)  # a bomb is skipped, not decoded
+            image.load()
+        if min(image.size) < 1:
+            return None
+        return to_rgb(image)
+    except Exception:  # a corrupt file must never stop a run: it is counted by the caller
+        return None
+
+
+def dataset_rows(dataset: Dataset | IterableDataset) -> int | None:
+    """Number of rows, when known without reading the data."""
+    if hasattr(dataset, "__len__"):
+        return len(dataset)
+    splits = dataset.info.splits
+    return splits[dataset.split].num_examples if splits and dataset.split in splits else None
+
+
+def as_iterable(dataset: Dataset | IterableDataset, num_shards: int) -> IterableDataset:
+    """A map-style dataset as an iterable one with `num_shards` shards; an iterable one unchanged."""
+    if isinstance(dataset, IterableDataset):
+        return dataset
+    return dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
+
+
+def shard_for_process(dataset: IterableDataset, rank: int, world_size: int) -> IterableDataset:
+    """This process's part of the stream (by shard when shards divide evenly, else every N-th example)."""
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size) if world_size > 1 else dataset
+
+
+def usable_workers(dataset: IterableDataset, requested: int) -> int:
+    """DataLoader workers beyond the shards this process has would sit idle (`datasets` gives each whole shards)."""
+    return max(0, min(requested, dataset.num_shards)) if requested > 0 else 0
+
+
+def sample_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class StreamPosition:
+    """Where a worker stands: which process and worker it is, and how many of its batches to skip (resume)."""
+
+    rank: int
+    worker: int
+    num_workers: int
+    skip_batches: int
+
+
+class TwoCropBatches(torch.utils.data.IterableDataset):
+    """An endless stream of full batches `{"query", "key": (B, 3, H, W), "skipped": int}` from a `datasets` stream.
+
+    Epochs follow one another (with `set_epoch`, so shard order and shuffle buffer change); a batch may span two
+    epochs. `skipped` counts the images that failed to decode since the worker's previous batch. Use it in a
+    `DataLoader(batch_size=None)`; with W workers, the loader takes batches from them in turn.
+    """
+
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        image_column: str,
+        two_crops: Callable[[PILImage.Image], tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        skip_batches: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+        self.image_column = image_column
+        self.two_crops = two_crops
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.skip_batches = skip_batches
+
+    def _position(self) -> StreamPosition:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes batch i from worker i % W as that worker's (i // W)-th batch. A resumed loader starts at
+        # worker 0 again, so every worker skips S // W batches and the caller drops the first S % W it receives
+        # (`batches_to_drop`): the stream then goes on exactly where the interrupted run stopped.
+        return StreamPosition(self.rank, worker, num_workers, self.skip_batches // num_workers)
+
+    def batches_to_drop(self, num_workers: int) -> int:
+        """Batches a resumed loader yields first that the interrupted run had already used."""
+        return self.skip_batches % max(1, num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        position = self._position()
+        to_skip = position.skip_batches * self.batch_size  # decodable images to pass over before augmenting
+        queries, keys, skipped, epoch = [], [], 0, 0
+        while True:
+            self.dataset.set_epoch(epoch)
+            rows_seen = 0
+            for index, row in enumerate(self.dataset):
+                rows_seen += 1
+                image = decode_image(row[self.image_column])
+                if to_skip:  # consumed (and its failures counted) by the run this one resumes
+                    to_skip -= image is not None
+                    continue
+                if image is None:
+                    skipped += 1
+                    continue
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, position.rank, position.worker, index))
+                    query, key = self.two_crops(image)
+                queries.append(query)
+                keys.append(key)
+                if len(queries) == self.batch_size:
+                    yield {"query": torch.stack(queries), "key": torch.stack(keys), "skipped": skipped}
+                    queries, keys, skipped = [], [], 0
+            if rows_seen == 0:
+                raise DataError(
+                    f"worker {position.worker} of process {position.rank} received no rows: the stream has fewer "
+                    "shards than workers; lower --dataloader_num_workers."
+                )
+            epoch += 1
+
+
+def limit_worker_threads(_worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: one intra-op thread per worker, since the workers run in parallel already."""
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def labelled_images(
+    dataset: Dataset | IterableDataset, image_column: str, label_column: str, limit: int | None
+) -> Iterator[tuple[PILImage.Image, int]]:
+    """(RGB image, label) pairs of the first `limit` decodable rows; undecodable rows are left out."""
+    stream = dataset.cast_column(image_column, Image(decode=False))
+    taken = 0
+    for row in stream:
+        if limit is not None and taken >= limit:
+            return
+        image = decode_image(row[image_column])
+        if image is not None:
+            taken += 1
+            yield image, int(row[label_column])

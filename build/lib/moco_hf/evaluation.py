@@ -1,0 +1,165 @@
+"""Frozen encoder features of a labelled `datasets` split, extracted once and cached as safetensors.
+
+The library side of `training/knn_eval.py` and `training/linear_eval.py`. The encoder is either a `MocoModel` (its
+query backbone) or an encoder exported in timm's format (`moco-hf export`), from a local folder or the Hub;
+`random_init` gives the same architecture with fresh weights, the baseline a pretraining must beat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file, save_file
+from transformers import HfArgumentParser
+
+from .augmentation import evaluation_transform
+from .configuration_moco import MocoConfig
+from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
+from .errors import DataError, UsageError
+from .knn import extract_features
+from .modeling_moco import MocoModel
+
+logger = logging.getLogger("moco_hf.evaluation")
+
+
+@dataclass
+class FeatureArguments:
+    model_name_or_path: str = field(metadata={"help": "A MocoModel or an exported timm encoder: folder or Hub id."})
+    random_init: bool = field(default=False, metadata={"help": "Same architecture, random weights (baseline)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Labelled dataset (default: CIFAR-10)."})
+    dataset_config_name: str | None = field(default=None)
+    train_split: str = field(default="train")
+    eval_split: str = field(default="test")
+    image_column: str | None = field(default=None, metadata={"help": "Auto-detected when unique."})
+    label_column: str | None = field(default=None, metadata={"help": "Auto-detected when unique."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Results and the feature cache."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random initialisation."})
+
+
+@dataclass
+class Encoder:
+    encode: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) normalised images -> (N, F) features
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    description: str
+
+
+def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) -> Encoder:
+    """The frozen feature extractor stored at `name_or_path` and the preprocessing it expects."""
+    folder = Path(name_or_path)
+    config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(name_or_path, "config.json"))
+    config = json.loads(config_file.read_text())
+    torch.manual_seed(seed)
+    if config.get("model_type") == MocoConfig.model_type:
+        model = MocoModel(MocoConfig.from_dict(config)) if random_init else MocoModel.from_pretrained(name_or_path)
+        model.eval()
+        settings = model.config
+        return Encoder(
+            lambda images: model.get_image_features(images).pooler_output,
+            settings.image_size, list(settings.image_mean), list(settings.image_std),
+            f"{settings.backbone} ({'random init' if random_init else name_or_path})",
+        )  # fmt: skip
+    if "architecture" in config:
+        prefix = "local-dir:" if folder.is_dir() else "hf-hub:"
+        model = timm.create_model(prefix + name_or_path, pretrained=not random_init, num_classes=0).eval()
+        data = timm.data.resolve_data_config({}, model=model)
+        return Encoder(
+            model, data["input_size"][-1], list(data["mean"]), list(data["std"]),
+            f"{config['architecture']} ({'random init' if random_init else name_or_path})",
+        )  # fmt: skip
+    raise UsageError(f"{name_or_path} holds neither a MocoModel nor a timm encoder (config.json has neither "
+                    "model_type 'moco' nor 'architecture').")  # fmt: skip
+
+
+def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features (N, F) and labels (N,) of `split`, from the cache when these settings made it."""
+    limit = args.max_train_samples if split == args.train_split else args.max_eval_samples
+    dataset_name = args.dataset_name or default_dataset_name()
+    # Everything that changes this split's features, and nothing else (the other split may change freely).
+    key = {
+        "dataset_name": dataset_name,
+        "split": split,
+        "limit": limit,
+        "model_files": _fingerprint(args.model_name_or_path),
+    }
+    key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "dataset_config_name",
+                                                   "image_column", "label_column")}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cache = Path(args.output_dir) / "features" / f"{split}-{digest}.safetensors"
+    if cache.is_file():
+        cached = load_file(cache)
+        return cached["features"], cached["labels"]
+
+    dataset = load_image_dataset(dataset_name, split, streaming=False, config_name=args.dataset_config_name)
+    image_column = find_image_column(dataset, args.image_column)
+    label_column = find_label_column(dataset, args.label_column)
+    transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
+    pairs = labelled_images(dataset, image_column, label_column, limit=limit)
+    with torch.inference_mode():
+        features, labels = extract_features(encoder.encode, pairs, transform, batch_size=args.batch_size)
+    if features.shape[0] == 0:
+        raise DataError(f"split {split!r} of {dataset_name} has no decodable images.")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": features.contiguous(), "labels": labels}, cache)
+    logger.info("Extracted %d features of split %r with %s.", features.shape[0], split, encoder.description)
+    return features, labels
+
+
+def _fingerprint(name_or_path: str) -> list:
+    """Sizes and modification times of a local model's files, so a retrained model is never served old features."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return [name_or_path]
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
+Split = tuple[torch.Tensor, torch.Tensor]  # L2-normalised features (N, F) and labels (N,)
+
+
+def evaluation_main(
+    argv: list[str] | None,
+    protocol_arguments: type,
+    name: str,
+    evaluate: Callable[[Split, Split, int, Any, int], dict[str, float]],
+) -> int:
+    """The `main` of `knn_eval.py` / `linear_eval.py`: parse the arguments, extract (or reuse) the features of both
+    splits, `evaluate(train, eval, num_classes, protocol_args, seed)`, print and write `<name>_results.json`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args, protocol_args = HfArgumentParser((FeatureArguments, protocol_arguments)).parse_args_into_dataclasses(argv)
+    try:
+        encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
+        train = split_features(args, encoder, args.train_split)
+        evaluation = split_features(args, encoder, args.eval_split)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    num_classes = int(max(train[1].max(), evaluation[1].max())) + 1
+    metrics = evaluate(train, evaluation, num_classes, protocol_args, args.seed)
+    results = {
+        "encoder": encoder.description,
+        "protocol": name,
+        **metrics,
+        "train_samples": train[0].shape[0],
+        "eval_samples": evaluation[0].shape[0],
+        "settings": {**asdict(args), **asdict(protocol_args)},
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}_results.json").write_text(json.dumps(results, indent=2))
+    scores = ", ".join(f"{metric} {value:.2f}%" for metric, value in metrics.items())
+    print(f"{scores} on {args.eval_split} ({evaluation[0].shape[0]} images) for {encoder.description}")
+    return 0

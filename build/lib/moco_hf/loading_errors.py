@@ -1,0 +1,50 @@
+"""One-line explanations of why a saved MocoModel does not load (kept out of the model code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from transformers.utils import cached_file
+
+from .configuration_moco import MocoConfig
+from .errors import UsageError
+
+
+def describe_shape_mismatch(name_or_path: str | Path, kwargs: dict) -> str:
+    """Which config.json field disagrees with the checkpoint's tensors, read from the safetensors header."""
+    config = kwargs.get("config") or MocoConfig.from_pretrained(name_or_path)
+    with safe_open(cached_file(name_or_path, "model.safetensors"), framework="pt") as checkpoint:
+        stored_queue_size, stored_dim = checkpoint.get_slice("queue").get_shape()
+    fields = [
+        f"{field}={value} in config.json but {stored} in the weights"
+        for field, value, stored in (
+            ("queue_size", config.queue_size, stored_queue_size),
+            ("dim", config.dim, stored_dim),
+        )
+        if value != stored
+    ]
+    return (
+        f"the checkpoint in {name_or_path} does not match its config: "
+        + ("; ".join(fields) if fields else "check `backbone`, `backbone_kwargs`, `mlp` and `mlp_hidden_dim`")
+        + "."
+    )
+
+
+def check_is_moco_model(name_or_path: str | Path) -> None:
+    """Raise `UsageError` unless `name_or_path` holds a saved MocoModel (a folder or Hub repo with a moco config)."""
+    folder = Path(name_or_path)
+    if (folder / "trainer_state.json").is_file():
+        raise UsageError(
+            f"{folder} is a training checkpoint (Accelerate state, no config.json); use the run's model folder "
+            f"({folder.parent.parent / 'model'}), or resume training from the checkpoint with "
+            "--resume_from_checkpoint and let it save the model."
+        )
+    config_file = cached_file(str(name_or_path), "config.json", _raise_exceptions_for_missing_entries=False)
+    if config_file is None:
+        raise UsageError(f"{name_or_path} has no config.json: it is not a saved MocoModel (save_pretrained).")
+    model_type = json.loads(Path(config_file).read_text()).get("model_type")
+    if model_type != MocoConfig.model_type:
+        what = "an exported timm encoder" if model_type is None else f"a {model_type!r} model"
+        raise UsageError(f"{name_or_path} holds {what}, not a MocoModel (config.json model_type 'moco').")

@@ -1,0 +1,147 @@
+"""Model cards for MoCo models and exported encoders, rendered from the package's `templates/model_card.md`."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_moco import MocoConfig
+
+TEMPLATE = files("moco_hf") / "templates" / "model_card.md"
+CardKind = Literal["model", "encoder"]
+
+
+@dataclass
+class EvaluationResult:
+    """One accuracy measured on a labelled dataset, e.g. weighted kNN top-1 on CIFAR-10's test split."""
+
+    name: str  # e.g. "kNN top-1 (k=200, T=0.1)"
+    dataset: str
+    split: str
+    value: float  # percent
+
+
+@dataclass
+class TrainingSummary:
+    """What the trainer knows about a run, shown in the card."""
+
+    dataset: str | None = None
+    hyperparameters: dict[str, object] = field(default_factory=dict)
+    results: list[EvaluationResult] = field(default_factory=list)
+    training_time: str | None = None
+    hardware: str | None = None
+    skipped_images: int | None = None
+
+
+def moco_version(config: MocoConfig) -> str:
+    """The paper whose method the config follows: v3 with a predictor, v2 with an MLP head, else v1."""
+    if config.predictor:
+        return "v3"
+    return "v2" if config.mlp else "v1"
+
+
+def describe_hardware(num_processes: int, device: torch.device) -> str:
+    """E.g. '8 x NVIDIA H100 80GB HBM3' or '1 x CPU (x86_64, 2 cores)'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type.upper()} ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{num_processes} x {name}"
+
+
+def render_model_card(
+    config: MocoConfig,
+    repo_id: str,
+    kind: CardKind = "model",
+    summary: TrainingSummary | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """The README.md of a pushed `MocoModel` (`kind="model"`) or of its exported encoder (`kind="encoder"`).
+
+    Metadata: license, library (`transformers` for the full model, `timm` for the encoder), the
+    `image-feature-extraction` pipeline, tags, datasets, and the evaluation results as `model-index`.
+    """
+    summary = summary or TrainingSummary()
+    version = moco_version(config)
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            task_name=result.name,
+            dataset_type=result.dataset,
+            dataset_name=result.dataset,
+            dataset_split=result.split,
+            metric_type="accuracy",
+            metric_name=result.name,
+            metric_value=round(result.value, 2),
+        )
+        for result in summary.results
+    ]
+    card_data = ModelCardData(
+        license=license,
+        library_name="timm" if kind == "encoder" else "transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=["moco", "self-supervised", "timm", "image-feature-extraction", f"moco-{version}"],
+        datasets=[summary.dataset] if _is_hub_dataset_id(summary.dataset) else None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    hyperparameters = {
+        "backbone": config.backbone,
+        "MoCo version": version,
+        "embedding dim": config.dim,
+        "queue size K": config.queue_size,
+        "key encoder momentum m": config.momentum,
+        "temperature T (`softmax_temperature`)": config.softmax_temperature,
+        "projection head": "MLP" if config.mlp else "linear",
+        "shuffling BN": config.shuffle_bn,
+        "augmentation": config.augmentation,
+        "image size": config.image_size,
+        **summary.hyperparameters,
+    }
+    contents = (
+        "the query encoder's backbone alone, in timm's format (`config.json` + `model.safetensors`)."
+        if kind == "encoder"
+        else "the full `MocoModel` (query encoder, momentum key encoder, queue of negative keys) as safetensors, "
+        "with its code for `trust_remote_code` loading."
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        kind=kind,
+        summary=f"A `{config.backbone}` image encoder pretrained with MoCo {version} (self-supervised).",
+        moco_version=version,
+        backbone=config.backbone,
+        num_features=_num_features(config),
+        image_size=config.image_size,
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+        contents=contents,
+        results=summary.results,
+        dataset=summary.dataset,
+        skipped_images=summary.skipped_images,
+        training_time=summary.training_time,
+        hardware=summary.hardware,
+        hyperparameters=hyperparameters,
+    )
+
+
+def _is_hub_dataset_id(name: str | None) -> bool:
+    """'owner/name' that is not a local folder: the card's `datasets` metadata links to it."""
+    return bool(name) and name.count("/") == 1 and not Path(name).exists()
+
+
+def _num_features(config: MocoConfig) -> int:
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(
+            config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs
+        ).num_features

@@ -1,0 +1,145 @@
+"""`MocoConfig(cifar_stem=True)`: the official CIFAR demo's ResNet (3x3/1 first conv, no max-pool) from timm's."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
+from torch import nn
+from transformers import AutoModel
+
+from moco_hf import MocoConfig, MocoModel, export_encoder
+from moco_hf.cli import main as moco_hf_cli
+
+
+def cifar_model(**overrides) -> MocoModel:
+    config = MocoConfig.from_preset("v2", backbone="resnet18", cifar_stem=True, queue_size=64, image_size=32,
+                                    **overrides)  # fmt: skip
+    return MocoModel(config).eval()
+
+
+def official_demo_resnet18() -> nn.Module:
+    """The encoder of facebookresearch/moco's CIFAR demo: torchvision's resnet18 with its stem changed, no fc."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net.eval()
+
+
+def test_the_backbone_is_the_official_demo_network(cifar_tensor):
+    model = cifar_model()
+    backbone = model.encoder_q.backbone
+    assert (backbone.conv1.kernel_size, backbone.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(backbone.maxpool, nn.Identity)
+    images = cifar_tensor[:8]
+    with torch.no_grad():
+        assert backbone.forward_features(images).shape == (8, 512, 4, 4)  # timm's stem ends at 1x1
+        reference = official_demo_resnet18()
+        reference.load_state_dict(backbone.state_dict())  # same keys as torchvision's, conv1 now 3x3
+        torch.testing.assert_close(model.get_image_features(images).pooler_output, reference(images), atol=1e-5,
+                                   rtol=0)  # fmt: skip
+    plain = MocoModel(MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert model.state_dict()["encoder_q.backbone.conv1.weight"].shape == (64, 3, 3, 3)
+
+
+def test_saves_and_loads_with_auto_model_and_with_remote_code_alone(cifar_tensor, tmp_path):
+    model = cifar_model()
+    model.save_pretrained(tmp_path / "model")
+    images = cifar_tensor[:4]
+    with torch.no_grad():
+        expected = model.get_image_features(images).pooler_output
+        loaded = AutoModel.from_pretrained(tmp_path / "model").eval()
+        torch.testing.assert_close(loaded.get_image_features(images).pooler_output, expected, atol=0, rtol=0)
+    torch.save({"images": images, "expected": expected}, tmp_path / "reference.pt")
+    # A fresh interpreter where `import moco_hf` fails: the folder's own code must build the CIFAR stem.
+    script = (
+        "import sys, torch; sys.modules['moco_hf'] = None\n"
+        "from transformers import AutoModel\n"
+        f"ref = torch.load({str(tmp_path / 'reference.pt')!r})\n"
+        f"model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()\n"
+        "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
+        "with torch.no_grad(): out = model.get_image_features(ref['images']).pooler_output\n"
+        "torch.testing.assert_close(out, ref['expected'], atol=1e-6, rtol=0)\n"
+        "print('remote code: same features')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0 and "remote code: same features" in result.stdout, result.stderr[-3000:]
+
+
+def test_export_refuses_what_timm_would_load_as_a_different_network(tmp_path, capsys):
+    model = cifar_model()
+    with pytest.raises(ValueError, match="CIFAR stem"):
+        export_encoder(model, tmp_path / "encoder")
+    assert not (tmp_path / "encoder").exists()
+    model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert moco_hf_cli(["export", str(tmp_path / "model"), str(tmp_path / "encoder")]) == 2
+    stderr = capsys.readouterr().err
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "CIFAR stem" in error and "AutoModel" in error and "Traceback" not in stderr
+    assert not (tmp_path / "encoder").exists()
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "resnet18d"])
+def test_a_clear_error_where_it_does_not_apply(backbone):
+    with pytest.raises(ValueError, match="cifar_stem=True needs a timm ResNet with a single-convolution stem"):
+        MocoModel(MocoConfig(backbone=backbone, cifar_stem=True, queue_size=8))
+
+
+def test_the_trainer_flag_builds_it(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(out),
+                          "--max_train_steps", "2", "--cifar_stem", "--knn_at_start", "false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = AutoModel.from_pretrained(out / "model")
+    assert loaded.config.cifar_stem and loaded.encoder_q.backbone.conv1.kernel_size == (3, 3)
+
+
+REPRODUCE = REPO_ROOT / "scripts" / "reproduce_cifar10.sh"
+# The recipe at CPU scale: 200 images (12 steps of 16 per epoch), kNN on a slice each epoch.
+TINY = ["--per_device_train_batch_size", "16", "--learning_rate", "0.06", "--queue_size", "64", "--knn_k", "20",
+        "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--dataloader_num_workers", "1",
+        "--logging_steps", "4"]  # fmt: skip
+
+
+def run_recipe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPRODUCE), *TINY, *args], capture_output=True, text=True, timeout=900,
+                          cwd=REPO_ROOT)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_reproduction_recipe_runs_end_to_end_and_writes_its_curve(small_dataset, tmp_path):
+    out = tmp_path / "recipe"
+    result = run_recipe("--dataset_name", str(small_dataset), "--num_train_epochs", "2", "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"knn_top1", "epochs", "train_seconds", "seconds_per_epoch", "device", "command"} <= results.keys()
+    assert results["epochs"] == 2 and results["steps"] == 24 and "--cifar_stem" in results["command"]
+    assert results["seconds_per_epoch"] == pytest.approx(results["train_seconds"] / 2)
+    curve = json.loads((out / "knn_curve.json").read_text())
+    assert [point["epoch"] for point in curve] == [0, 1, 2]  # the random encoder, then every epoch
+    assert curve[-1]["knn_top1"] == results["knn_top1"]
+    assert (out / "knn_curve.png").stat().st_size > 5_000
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert (run_config["queue_size"], run_config["momentum"], run_config["softmax_temperature"]) == (64, 0.99, 0.1)
+    assert AutoModel.from_pretrained(out / "model").config.cifar_stem
+
+
+@pytest.mark.slow
+def test_a_wall_time_budget_stops_the_run_cleanly(small_dataset, tmp_path):
+    out = tmp_path / "budget"
+    result = run_recipe("--dataset_name", str(small_dataset), "--max_train_steps", "10000",
+                        "--max_train_minutes", "0.05", "--knn_at_start", "false", "--output_dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--max_train_minutes 0.05 reached" in result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert 0 < results["steps"] < 10000 and results["train_seconds"] >= 3
+    # Stopped at a step boundary, evaluated, checkpointed and saved like a finished run.
+    assert (out / "checkpoints" / f"step_{results['steps']}" / "trainer_state.json").is_file()
+    assert (out / "model" / "model.safetensors").is_file() and 0 <= results["knn_top1"] <= 100

@@ -1,0 +1,67 @@
+"""The shape of the house: one installed package, thin commands, short functions, one-way imports."""
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+LIBRARY, COMMANDS = REPO_ROOT / "moco_hf", REPO_ROOT / "training"
+MAX_FUNCTION_LINES = 100
+
+
+def python_files(*folders: Path) -> list[Path]:
+    return sorted(path for folder in folders for path in folder.rglob("*.py"))
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_the_moco_hf_package_only(tmp_path):
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    result = subprocess.run([*command, str(REPO_ROOT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("moco_hf-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"moco_hf"}, top_level
+    # The package data the library reads at run time travels with it.
+    assert "moco_hf/templates/model_card.md" in names
+    assert "moco_hf/metrics/top_k_accuracy/top_k_accuracy.py" in names
+
+
+def test_no_function_is_longer_than_a_hundred_lines():
+    too_long = []
+    for path in python_files(LIBRARY, COMMANDS):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not too_long, too_long
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module)
+    return modules
+
+
+def test_the_library_never_imports_the_commands():
+    offenders = {
+        str(path.relative_to(REPO_ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "training")
+        for path in python_files(LIBRARY)
+    }
+    assert not {path: modules for path, modules in offenders.items() if modules}
+
+
+def test_the_commands_import_the_library_not_each_other():
+    for path in python_files(COMMANDS):
+        modules = imported_modules(path)
+        assert "moco_hf" in {m.split(".")[0] for m in modules}, path
+        assert not {m for m in modules if m.split(".")[0] in ("training", "pretrain", "knn_eval", "linear_eval")}

@@ -1,0 +1,92 @@
+"""The papers' augmentation recipes and the run's schedules, checked against transcriptions and hand values."""
+
+import math
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from moco_hf.augmentation import build_two_crops
+from moco_hf.schedules import learning_rate_factor, learning_rate_scheduler, momentum_at
+
+
+def describe(transform) -> list[tuple]:
+    """The random transforms of a `v2.Compose` as (name, parameters, probability) rows."""
+    rows = []
+    for step in transform.transforms:
+        p = 1.0
+        if isinstance(step, v2.RandomApply):
+            (step,), p = step.transforms, step.p
+        if isinstance(step, v2.RandomResizedCrop):
+            rows.append(("crop", (step.size[0], step.scale, tuple(round(r, 4) for r in step.ratio)), p))
+        elif isinstance(step, v2.ColorJitter):
+            ranges = [step.brightness, step.contrast, step.saturation, step.hue]
+            rows.append(("jitter", tuple(tuple(round(x, 4) for x in r) for r in ranges), p))
+        elif isinstance(step, v2.RandomGrayscale):
+            rows.append(("grayscale", (), step.p))
+        elif isinstance(step, v2.GaussianBlur):
+            rows.append(("blur", (step.kernel_size, tuple(step.sigma)), p))
+        elif isinstance(step, v2.RandomSolarize):
+            rows.append(("solarize", (step.threshold,), step.p * p))
+        elif isinstance(step, v2.RandomHorizontalFlip):
+            rows.append(("flip", (), step.p))
+    return rows
+
+
+RATIO = (round(3 / 4, 4), round(4 / 3, 4))
+# Transcribed from facebookresearch/moco main_moco.py (v1, and v2's --aug-plus) and moco-v3 main_moco.py, with
+# torchvision's ColorJitter(b, c, s, h) ranges [1-b, 1+b], [1-c, 1+c], [1-s, 1+s], [-h, h]; blur kernel 3 at 32 px.
+OFFICIAL = {
+    "v1": [
+        [("crop", (32, (0.2, 1.0), RATIO), 1.0), ("grayscale", (), 0.2),
+         ("jitter", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.4, 0.4)), 1.0), ("flip", (), 0.5)],
+    ] * 2,
+    "v2": [
+        [("crop", (32, (0.2, 1.0), RATIO), 1.0), ("jitter", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)), 0.8),
+         ("grayscale", (), 0.2), ("blur", ((3, 3), (0.1, 2.0)), 0.5), ("flip", (), 0.5)],
+    ] * 2,
+    "v3": [
+        [("crop", (32, (0.08, 1.0), RATIO), 1.0), ("jitter", ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)), 0.8),
+         ("grayscale", (), 0.2), ("blur", ((3, 3), (0.1, 2.0)), 1.0), ("flip", (), 0.5)],
+        [("crop", (32, (0.08, 1.0), RATIO), 1.0), ("jitter", ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)), 0.8),
+         ("grayscale", (), 0.2), ("blur", ((3, 3), (0.1, 2.0)), 0.1), ("solarize", (128,), 0.2), ("flip", (), 0.5)],
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["v1", "v2", "v3"])
+def test_each_recipe_is_the_papers(recipe):
+    two_crops = build_two_crops(recipe, 32)
+    assert [describe(two_crops.transform), describe(two_crops.key_transform)] == OFFICIAL[recipe]
+
+
+def test_views_are_normalised_crops_of_real_images(cifar_images):
+    query, key = build_two_crops("v2", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(cifar_images[0][0])
+    assert query.shape == key.shape == (3, 32, 32) and query.dtype == torch.float32
+    assert not torch.equal(query, key) and float(query.min()) >= -2.0 - 1e-6 and float(query.max()) <= 2.0 + 1e-6
+
+
+def test_cosine_learning_rate_with_warmup_by_hand():
+    # 10 steps, 2 of warmup: 1/2, 2/2, then 0.5 * (1 + cos(pi * t / 8)) for t = 0..7, and 0 at the end.
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)] + [0.0]
+    assert [learning_rate_factor(s, "cosine", 10, 2) for s in range(11)] == pytest.approx(expected)
+    # v1's steps: x0.1 at 60% and 80% of training.
+    assert [learning_rate_factor(s, "step", 10) for s in (0, 5, 6, 7, 8, 9)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
+
+
+def test_the_scheduler_steps_the_optimizer_through_the_same_factors():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    scheduler = learning_rate_scheduler(optimizer, "cosine", total_steps=10, warmup_steps=2)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.4 * learning_rate_factor(s, "cosine", 10, 2) for s in range(10)])
+
+
+def test_momentum_follows_the_same_cosine_up_to_one():
+    assert momentum_at(5, 10, 0.99, "constant") == 0.99
+    assert [momentum_at(s, 10, 0.99, "cosine") for s in (0, 5, 10)] == pytest.approx([0.99, 0.995, 1.0])
