@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shutil
+import sys
 from dataclasses import fields
 
 import pytest
@@ -93,6 +94,7 @@ def test_help_lists_the_choices_and_documents_every_argument():
     assert "{v1,v2,v3,v3-vit}" in result.stdout and "{auto,ddp,split,none}" in result.stdout
     spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
     pretrain = importlib.util.module_from_spec(spec)
+    sys.modules["pretrain"] = pretrain  # dataclasses resolve the string annotations through it
     spec.loader.exec_module(pretrain)
     arguments = [*fields(pretrain.ModelArguments), *fields(pretrain.DataArguments), *fields(pretrain.TrainArguments)]
     assert not [argument.name for argument in arguments if not argument.metadata.get("help")]

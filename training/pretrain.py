@@ -84,7 +84,7 @@ class ModelArguments:
     symmetric_loss: bool | None = field(default=None, metadata={"help": "Both views as queries (preset: v3)."})
     freeze_patch_embed: bool | None = field(default=None, metadata={"help": "v3 ViT trick: frozen patch embed."})
     num_splits: int = field(default=8, metadata={"help": "BatchNorm groups of the 'split' emulation."})
-    cifar_stem: bool | None = field(default=None, metadata={"help": "ResNets: 3x3/1 first conv, no max-pool."})
+    cifar_stem: bool = field(default=False, metadata={"help": "ResNets on 32 px: 3x3/1 first conv, no max-pool."})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
 
 
@@ -182,13 +182,14 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, train_arg
         "backbone": model_args.backbone,
         "backbone_kwargs": json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else {},
         "num_splits": model_args.num_splits,
+        "cifar_stem": model_args.cifar_stem,
         # The preprocessing the encoder expects, recorded for exports and model cards.
         "image_size": data_args.image_size,
         "image_mean": list(data_args.image_mean),
         "image_std": list(data_args.image_std),
     }
     for name in ("dim", "queue_size", "momentum", "softmax_temperature", "mlp", "shuffle_bn", "projector_layers",
-                 "symmetric_loss", "freeze_patch_embed", "cifar_stem"):  # fmt: skip
+                 "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
     for name, config_name in (("optimizer", "optimizer"), ("lr_scheduler_type", "lr_schedule"),
@@ -287,7 +288,10 @@ def build_loader(
 
 
 def build_model(config: MocoConfig, model_args: ModelArguments, train_args: TrainArguments, world: int) -> MocoModel:
-    model = MocoModel(config)
+    try:
+        model = MocoModel(config)
+    except ValueError as error:  # a setting that does not fit the backbone, e.g. --cifar_stem on a ViT
+        raise UsageError(first_line(error)) from error
     if model_args.sync_bn and world > 1:
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
     if train_args.channels_last:
