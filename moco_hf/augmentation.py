@@ -76,13 +76,18 @@ def moco_view(recipe: ViewRecipe, size: int, mean: Sequence[float], std: Sequenc
     )
 
 
+def evaluation_resize(size: int) -> int:
+    """The short side evaluation resizes to before the centre crop: size / 0.875 (the ImageNet convention), or the
+    crop size itself for CIFAR-sized images."""
+    return size if size <= 64 else round(size / 0.875)
+
+
 def evaluation_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize the short side to size/0.875 and centre-crop (no resize when the image already has `size`)."""
-    resize = size if size <= 64 else round(size / 0.875)
+    """Resize the short side to `evaluation_resize(size)` and centre-crop `size`; then normalise."""
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(resize, antialias=True),
+            v2.Resize(evaluation_resize(size), antialias=True),
             v2.CenterCrop(size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),

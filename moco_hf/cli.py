@@ -19,7 +19,7 @@ from .errors import UsageError
 def export(args: argparse.Namespace) -> None:
     from .export import export_encoder
     from .loading_errors import check_is_moco_model
-    from .model_card import render_model_card
+    from .model_card import TrainingSummary, render_model_card
     from .modeling_moco import MocoModel
 
     check_is_moco_model(args.model)
@@ -28,7 +28,9 @@ def export(args: argparse.Namespace) -> None:
         output = export_encoder(model, args.output_dir)
     except ValueError as error:  # an encoder timm cannot rebuild (CIFAR stem)
         raise UsageError(str(error)) from error
-    render_model_card(model.config, args.repo_id or output.name, kind="encoder").save(output / "README.md")
+    repo_id = args.repo_id or f"<your-username>/{output.resolve().name}"  # the snippets name a repo to push to
+    summary = TrainingSummary.load(args.model)  # the run's data, results and settings, when the trainer saved them
+    render_model_card(model.config, repo_id, kind="encoder", summary=summary).save(output / "README.md")
     if args.repo_id:
         from huggingface_hub import create_repo, upload_folder
 

@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Image, IterableDataset, load_dataset
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Image,
+    IterableDataset,
+    IterableDatasetDict,
+    load_dataset,
+    load_from_disk,
+)
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
@@ -39,24 +48,46 @@ def default_dataset_name() -> str:
     return HUB_CIFAR10
 
 
-def load_image_dataset(name: str, split: str, streaming: bool, config_name: str | None = None):
-    """Load split `split` of `name`: a Hub id, a folder (parquet/arrow files or an image folder) or data files."""
+def load_image_splits(
+    name: str, streaming: bool, config_name: str | None = None, cache_dir: str | None = None, file_split: str = "train"
+) -> DatasetDict | IterableDatasetDict:
+    """Every split of `name`: a Hub id, a folder (parquet/arrow files, an image folder, or a `save_to_disk` folder)
+    or one data file (loaded as split `file_split`)."""
     path = Path(name)
     try:
         if path.is_file() and path.suffix in LOCAL_FORMATS:
-            loaded = load_dataset(LOCAL_FORMATS[path.suffix], data_files={split: str(path)}, streaming=streaming)
-        else:
-            loaded = load_dataset(name, config_name, streaming=streaming)
+            return load_dataset(LOCAL_FORMATS[path.suffix], data_files={file_split: str(path)}, streaming=streaming,
+                                cache_dir=cache_dir)  # fmt: skip
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # Dataset.save_to_disk
+            saved = load_from_disk(str(path))
+            saved = saved if isinstance(saved, DatasetDict) else DatasetDict({file_split: saved})
+            return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
+        loaded = load_dataset(name, config_name, streaming=streaming, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many types here; the user needs one line
         where = "local path" if path.exists() else "Hub dataset id (or local path; none exists here)"
         raise DataError(
             f"could not load --dataset_name {name!r} as a {where}: {type(error).__name__}: {first_line(error)}"
         ) from error
-    if isinstance(loaded, (DatasetDict, dict)) or hasattr(loaded, "keys"):
-        if split not in loaded:
-            raise DataError(f"dataset {name!r} has no split {split!r}; its splits are {sorted(loaded.keys())}.")
-        loaded = loaded[split]
     return loaded
+
+
+def load_image_dataset(
+    name: str, split: str, streaming: bool, config_name: str | None = None, cache_dir: str | None = None
+) -> Dataset | IterableDataset:
+    """Split `split` of `name` (see `load_image_splits`); a single data file is read as that split."""
+    splits = load_image_splits(name, streaming, config_name, cache_dir, file_split=split)
+    if split not in splits:
+        raise DataError(f"dataset {name!r} has no split {split!r}; its splits are {sorted(splits.keys())}.")
+    return splits[split]
+
+
+def take_rows(dataset: Dataset | IterableDataset, start: int, count: int | None) -> Dataset | IterableDataset:
+    """Rows `start` to `start + count` (to the end when `count` is None), streamed or not."""
+    if isinstance(dataset, IterableDataset):
+        rest = dataset.skip(start) if start else dataset
+        return rest if count is None else rest.take(count)
+    end = len(dataset) if count is None else min(len(dataset), start + count)
+    return dataset.select(range(min(start, end), end))
 
 
 def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None) -> str:

@@ -21,13 +21,22 @@ class HubPublisher:
     local files are untouched and training goes on. `finish()` waits for the uploads still running.
     """
 
-    def __init__(self, repo_id: str, token: str | None = None, private: bool | None = None) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> None:
         self.api = HfApi(token=token)
-        self.repo_id = repo_id
+        self.repo_id, self.revision, self.create_pr = repo_id, revision, create_pr
         self.uploads: list[Future] = []
         self.failures = 0
         try:
             self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if revision is not None:
+                self.api.create_branch(self.repo_id, branch=revision, exist_ok=True)
             self.ready = True
         except Exception as error:  # any failure of the Hub must leave training running
             self.ready = False
@@ -38,7 +47,12 @@ class HubPublisher:
         if not self.ready:
             return
         future = self.api.upload_folder(
-            repo_id=self.repo_id, folder_path=folder, commit_message=message, run_as_future=True
+            repo_id=self.repo_id,
+            folder_path=folder,
+            commit_message=message,
+            revision=self.revision,
+            create_pr=self.create_pr,
+            run_as_future=True,
         )
 
         def done(finished: Future) -> None:

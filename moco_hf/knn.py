@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
 
 from .augmentation import evaluation_transform
 from .data import (
@@ -17,9 +19,13 @@ from .data import (
     find_image_column,
     find_label_column,
     labelled_images,
-    load_image_dataset,
+    load_image_splits,
     shard_for_process,
+    take_rows,
 )
+from .errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
 
 
 def weighted_knn_predict(
@@ -93,7 +99,8 @@ def knn_accuracy(
 
 @dataclass
 class KnnSplits:
-    """Where the monitor's labelled images come from: a bank split and a query split of one dataset."""
+    """Where the monitor's labelled images come from: a bank split and a query split of one dataset. Without a
+    query split, the queries are the first `max_query_samples` rows of the bank split, held out of the bank."""
 
     dataset_name: str
     bank_split: str = "train"
@@ -104,12 +111,33 @@ class KnnSplits:
     label_column: str | None = None
     config_name: str | None = None
     streaming: bool = False
+    cache_dir: str | None = None
 
-    @property
-    def query_split_slice(self) -> str:
-        """The queries in `datasets`' split notation, e.g. `test[:2000]` (the card records it)."""
-        limit = self.max_query_samples
-        return self.query_split + (f"[:{limit}]" if limit else "")
+
+def load_knn_datasets(splits: KnnSplits) -> tuple[dict[str, Dataset | IterableDataset], str]:
+    """The bank and query datasets, and the queries in `datasets`' split notation (e.g. `test[:2000]`)."""
+    if splits.bank_split == splits.query_split:
+        raise UsageError(
+            f"the kNN bank and queries are both split {splits.bank_split!r}: every query would find itself. Choose "
+            "another --eval_split, or a dataset without one (the queries are then held out of the bank)."
+        )
+    available = load_image_splits(splits.dataset_name, splits.streaming, splits.config_name, splits.cache_dir)
+    if splits.bank_split not in available:
+        raise DataError(f"dataset {splits.dataset_name!r} has no split {splits.bank_split!r} for the kNN bank; "
+                        f"its splits are {sorted(available.keys())}.")  # fmt: skip
+    bank, limit = available[splits.bank_split], splits.max_query_samples
+    if splits.query_split in available:
+        queries = take_rows(available[splits.query_split], 0, limit)
+        return {"bank": take_rows(bank, 0, splits.max_bank_samples), "queries": queries}, (
+            splits.query_split + (f"[:{limit}]" if limit else "")
+        )
+    held_out = limit or (len(bank) // 10 if isinstance(bank, Dataset) else 1000)
+    logger.warning(
+        "Dataset %s has no split %r: the kNN queries are the first %d images of %r, held out of the kNN bank.",
+        splits.dataset_name, splits.query_split, held_out, splits.bank_split,
+    )  # fmt: skip
+    datasets = {"bank": take_rows(bank, held_out, splits.max_bank_samples), "queries": take_rows(bank, 0, held_out)}
+    return datasets, f"{splits.bank_split}[:{held_out}]"
 
 
 class KnnMonitor:
@@ -117,6 +145,7 @@ class KnnMonitor:
 
     Each process encodes its shard of both splits; the features are gathered, and every process computes the same
     accuracy. Call it with the model (any module with `get_image_features`) whenever a measurement is wanted.
+    `query_description` names the images the accuracy is measured on (model cards and results record it).
     """
 
     def __init__(
@@ -128,20 +157,14 @@ class KnnMonitor:
         std: Sequence[float],
         k: int = 200,
         temperature: float = 0.1,
+        batch_size: int = 256,
     ) -> None:
-        self.accelerator, self.k, self.temperature = accelerator, k, temperature
+        self.accelerator, self.k, self.temperature, self.batch_size = accelerator, k, temperature, batch_size
         self.transform = evaluation_transform(image_size, mean, std)
-        self.splits = {}
-        for role, split, limit in (
-            ("bank", splits.bank_split, splits.max_bank_samples),
-            ("queries", splits.query_split, splits.max_query_samples),
-        ):
-            dataset = load_image_dataset(splits.dataset_name, split, splits.streaming, splits.config_name)
-            self.image_column = find_image_column(dataset, splits.image_column)
-            self.label_column = find_label_column(dataset, splits.label_column)
-            if limit is not None:
-                dataset = dataset.take(limit) if splits.streaming else dataset.select(range(min(limit, len(dataset))))
-            self.splits[role] = dataset
+        self.dataset_name = splits.dataset_name
+        self.splits, self.query_description = load_knn_datasets(splits)
+        self.image_column = find_image_column(self.splits["bank"], splits.image_column)
+        self.label_column = find_label_column(self.splits["bank"], splits.label_column)
         self.num_classes = getattr(self.splits["bank"].features[self.label_column], "num_classes", None)
 
     def _features(self, model: torch.nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +177,13 @@ class KnnMonitor:
             with accelerator.autocast():
                 return model.get_image_features(images).pooler_output
 
-        features, labels = extract_features(encode, pairs, self.transform, device=accelerator.device)
+        features, labels = extract_features(encode, pairs, self.transform, self.batch_size, accelerator.device)
         gathered = gather_object([(features, labels)])
+        if not any(f.numel() for f, _ in gathered):
+            raise DataError(
+                f"the kNN {role} of {self.dataset_name!r} hold no decodable image (column {self.image_column!r}); "
+                "pass --knn_monitor false to train without it."
+            )
         return torch.cat([f for f, _ in gathered if f.numel()]), torch.cat([lab for _, lab in gathered])
 
     @torch.no_grad()

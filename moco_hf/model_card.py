@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.utils import cached_file
 
 from .configuration_moco import MocoConfig
 
@@ -37,6 +39,21 @@ class TrainingSummary:
     training_time: str | None = None
     hardware: str | None = None
     skipped_images: int | None = None
+
+    FILE = "training_summary.json"
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / self.FILE).write_text(json.dumps(asdict(self), indent=2, default=str))
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> TrainingSummary | None:
+        """The summary saved beside a model (local folder or Hub repo), None when there is none."""
+        found = cached_file(str(name_or_path), cls.FILE, _raise_exceptions_for_missing_entries=False)
+        if found is None:
+            return None
+        values = json.loads(Path(found).read_text())
+        values["results"] = [EvaluationResult(**result) for result in values.get("results", [])]
+        return cls(**values)
 
 
 def moco_version(config: MocoConfig) -> str:
@@ -73,8 +90,9 @@ def render_model_card(
         EvalResult(
             task_type="image-classification",
             task_name=result.name,
-            dataset_type=result.dataset,
-            dataset_name=result.dataset,
+            # model-index's dataset type is a Hub id; a local folder is named by its folder name instead.
+            dataset_type=result.dataset if _is_hub_dataset_id(result.dataset) else "custom",
+            dataset_name=_dataset_label(result.dataset),
             dataset_split=result.split,
             metric_type="accuracy",
             metric_name=result.name,
@@ -124,13 +142,18 @@ def render_model_card(
         image_mean=list(config.image_mean),
         image_std=list(config.image_std),
         contents=contents,
-        results=summary.results,
-        dataset=summary.dataset,
+        results=[replace(result, dataset=_dataset_label(result.dataset)) for result in summary.results],
+        dataset=_dataset_label(summary.dataset),
         skipped_images=summary.skipped_images,
         training_time=summary.training_time,
         hardware=summary.hardware,
         hyperparameters=hyperparameters,
     )
+
+
+def _dataset_label(name: str | None) -> str | None:
+    """A Hub dataset id as it is; a local path as its folder (or file) name, without this machine's directories."""
+    return name if name is None or _is_hub_dataset_id(name) else Path(name).name
 
 
 def _is_hub_dataset_id(name: str | None) -> bool:

@@ -29,10 +29,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_moco import MocoConfig
 from .loading_errors import describe_shape_mismatch
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -113,6 +115,18 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.copy_(running_mean.view(splits, c).mean(0))
                 self.running_var.copy_(running_var.view(splits, c).mean(0))
         return out.view(n, c, h, w)
+
+
+def batch_norm_groups(batch_size: int, num_splits: int) -> int:
+    """SplitBatchNorm groups for a batch: the largest count up to `num_splits` that divides `batch_size` and leaves
+    each group at least 2 images (BatchNorm needs 2 values per channel on the last, possibly 1x1, maps)."""
+    groups = next((g for g in range(min(num_splits, batch_size // 2), 1, -1) if batch_size % g == 0), 1)
+    if groups != num_splits:
+        logger.warning_once(
+            f"A batch of {batch_size} images does not split into num_splits={num_splits} BatchNorm groups of 2 or "
+            f"more; using {groups} group{'s' if groups > 1 else ''}."
+        )
+    return groups
 
 
 def convert_to_split_batch_norm(module: nn.Module) -> nn.Module:
@@ -250,6 +264,7 @@ class MocoModel(MocoPreTrainedModel):
                 for tensor in [*encoder.parameters(), *encoder.buffers()]:
                     tensor._is_hf_initialized = True
         self.encoder_k.requires_grad_(False)  # updated by the momentum rule only
+        self._has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder_q.modules())
         self.post_init()
 
     @classmethod
@@ -377,7 +392,7 @@ class MocoModel(MocoPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
         """Query backbone features: `last_hidden_state` as timm's `forward_features`, `pooler_output` (N, F)."""
-        self._check_images(pixel_values, "pixel_values")
+        pixel_values = self._prepare_images(pixel_values, "pixel_values")
         backbone = self.encoder_q.backbone
         hidden = backbone.forward_features(pixel_values)
         return BaseModelOutputWithPooling(
@@ -395,16 +410,19 @@ class MocoModel(MocoPreTrainedModel):
         """
         if key_pixel_values is None:
             return self.get_image_features(pixel_values)
-        self._check_images(pixel_values, "pixel_values")
-        self._check_images(key_pixel_values, "key_pixel_values")
+        pixel_values = self._prepare_images(pixel_values, "pixel_values")
+        key_pixel_values = self._prepare_images(key_pixel_values, "key_pixel_values")
         if key_pixel_values.shape[0] != pixel_values.shape[0]:
             raise ValueError(
                 f"pixel_values and key_pixel_values must hold the same images: got batch sizes "
                 f"{pixel_values.shape[0]} and {key_pixel_values.shape[0]}."
             )
+        if self.training and pixel_values.shape[0] < 2 and self._has_batch_norm:
+            raise ValueError("training needs at least 2 images per batch: BatchNorm cannot normalise a single one.")
         shuffle_bn = self.resolve_shuffle_bn()
         symmetric = self.config.symmetric_loss
-        with self._batch_norm_splits(self.config.num_splits if shuffle_bn == "split" else 1):
+        splits = batch_norm_groups(pixel_values.shape[0], self.config.num_splits) if shuffle_bn == "split" else 1
+        with self._batch_norm_splits(splits):
             q = self._query(pixel_values)
             q_swapped = self._query(key_pixel_values) if symmetric else None
             with torch.no_grad():
@@ -432,7 +450,9 @@ class MocoModel(MocoPreTrainedModel):
             for layer in layers:
                 layer.num_splits = 1
 
-    def _check_images(self, images: torch.Tensor, name: str) -> None:
+    def _prepare_images(self, images: torch.Tensor, name: str) -> torch.Tensor:
+        """Checked (N, C, H, W) images in the model's dtype (fp32 pixels into a bf16 model, as transformers' vision
+        models accept them)."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}.")
         if images.ndim != 4:
@@ -447,3 +467,4 @@ class MocoModel(MocoPreTrainedModel):
                 f"{name} must have {channels} channels (the backbone's in_chans), got {images.shape[1]} in shape "
                 f"{tuple(images.shape)}; convert images to RGB first (or set backbone_kwargs['in_chans'])."
             )
+        return images.to(self.dtype) if images.is_floating_point() else images

@@ -1,7 +1,8 @@
 """A small local stand-in for the Hugging Face Hub, speaking the part of its HTTP API that `huggingface_hub`
 uses to create a model repo, commit files (regular uploads, no LFS) and download them.
 
-Test-only: in-memory, one branch per repo, thread per request, bound to 127.0.0.1. `fail_commits` makes every
+Test-only: in-memory, one content per repo (branches and pull requests are accepted and recorded in `requests`, not
+kept apart), thread per request, bound to 127.0.0.1. `fail_commits` makes every
 commit answer 500, to test what a failed push does.
 """
 
@@ -38,7 +39,7 @@ class HubState:
 
 def _split_repo_path(parts: list[str]) -> tuple[str, list[str]]:
     """`namespace/name/rest...` or `name/rest...` (no namespace): the repo id and the rest."""
-    markers = {"resolve", "preupload", "commit", "revision", "tree"}
+    markers = {"resolve", "preupload", "commit", "revision", "tree", "branch"}
     if len(parts) > 1 and parts[1] in markers:
         return parts[0], parts[1:]
     return "/".join(parts[:2]), parts[2:]
@@ -101,8 +102,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
 
     def do_POST(self) -> None:
-        path = unquote(urlparse(self.path).path)
-        self.state.requests.append(f"POST {path}")
+        url = urlparse(self.path)
+        path = unquote(url.path)
+        self.state.requests.append(f"POST {path}" + (f"?{url.query}" if url.query else ""))
         body = self._body()
         parts = [p for p in path.split("/") if p]
         if parts == ["api", "repos", "create"]:
@@ -117,6 +119,8 @@ class HubHandler(BaseHTTPRequestHandler):
             repo, rest = _split_repo_path(parts[2:])
             if repo not in self.state.repos:
                 return self._send(404, b"", {"X-Error-Code": "RepoNotFound"})
+            if rest[:1] == ["branch"]:  # one content per repo: a branch is only recorded in `requests`
+                return self._json(200, {})
             if rest[:1] == ["preupload"]:
                 files = json.loads(body)["files"]
                 answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]

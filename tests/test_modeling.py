@@ -298,3 +298,27 @@ def test_a_few_optimizer_steps_on_real_images_lower_the_loss(cifar_tensor):
         losses.append(out.loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.85 * first, losses  # measured: 4.63 -> 3.77
+
+
+@pytest.mark.parametrize("batch, groups", [(16, 8), (8, 4), (12, 6), (6, 3), (4, 2), (3, 1), (2, 1)])
+def test_split_batch_norm_fits_its_groups_to_small_batches(batch, groups, cifar_tensor):
+    from moco_hf.modeling_moco import batch_norm_groups
+
+    assert batch_norm_groups(batch, 8) == groups
+    model = MocoModel(small_config(shuffle_bn="split", num_splits=8)).train()
+    out = model(pixel_values=cifar_tensor[:batch], key_pixel_values=cifar_tensor[batch : 2 * batch])
+    assert torch.isfinite(out.loss) and out.logits.shape[0] == batch
+
+
+def test_a_single_image_cannot_train_batch_norm_and_says_so(cifar_tensor):
+    model = MocoModel(small_config()).train()
+    with pytest.raises(ValueError, match="at least 2 images per batch"):
+        model(pixel_values=cifar_tensor[:1], key_pixel_values=cifar_tensor[1:2])
+
+
+def test_a_bf16_model_takes_fp32_pixels(cifar_tensor, tmp_path):
+    MocoModel(small_config()).save_pretrained(tmp_path)
+    model = MocoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    features = model.get_image_features(cifar_tensor[:4]).pooler_output
+    assert features.dtype == torch.bfloat16 and torch.isfinite(features.float()).all()
+    assert model(pixel_values=cifar_tensor[:4], key_pixel_values=cifar_tensor[4:8]).loss.isfinite()

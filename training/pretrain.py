@@ -56,15 +56,18 @@ from moco_hf.data import (
     limit_worker_threads,
     load_image_dataset,
     shard_for_process,
+    take_rows,
     usable_workers,
 )
 from moco_hf.errors import DataError, RunError, UsageError, first_line
 from moco_hf.hub_upload import HubPublisher
+from moco_hf.image_processing import image_processor_for
 from moco_hf.knn import KnnMonitor, KnnSplits
 from moco_hf.model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
 from moco_hf.optimization import build_optimizer
 from moco_hf.plotting import plot_knn_curve, plot_training_curves
 from moco_hf.schedules import learning_rate_scheduler, momentum_at
+from moco_hf.warm_start import load_pretrained_weights
 
 logger = logging.getLogger("moco_hf.pretrain")
 
@@ -84,6 +87,13 @@ class ModelArguments:
     symmetric_loss: bool | None = field(default=None, metadata={"help": "Both views as queries (preset: v3)."})
     freeze_patch_embed: bool | None = field(default=None, metadata={"help": "v3 ViT trick: frozen patch embed."})
     num_splits: int = field(default=8, metadata={"help": "BatchNorm groups of the 'split' emulation."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from these weights: a saved MocoModel (folder or Hub id), or a timm model with "
+                  "pretrained weights (e.g. 'resnet50.a1_in1k', 'hf-hub:timm/...', an exported encoder folder) for "
+                  "both backbones (domain-adaptive pretraining)."},
+    )  # fmt: skip
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the Hub model's own code to load."})
     cifar_stem: bool = field(default=False, metadata={"help": "ResNets on 32 px: 3x3/1 first conv, no max-pool."})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
 
@@ -92,6 +102,8 @@ class ModelArguments:
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local path (default: CIFAR-10)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N images only."})
     train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected if unique)."})
     streaming: bool = field(default=False, metadata={"help": "Iterate without materialising the dataset."})
@@ -144,17 +156,23 @@ class TrainArguments:
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save every N steps (and at the end)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
-    with_tracking: bool = field(default=False, metadata={"help": "Log to the --report_to trackers."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | ..."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to trackers (--report_to, else tensorboard)."})
+    report_to: str | None = field(
+        default=None, metadata={"help": "tensorboard | wandb | all | ... (turns tracking on; 'none': off)."}
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log metrics.jsonl and trackers every N steps."})
     eval_every: float | None = field(default=None, metadata={"help": "kNN every N epochs (always at the end)."})
+    knn_monitor: bool = field(default=True, metadata={"help": "Measure kNN accuracy during and after training."})
     knn_at_start: bool = field(default=True, metadata={"help": "kNN of the initial (random) encoder first."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per kNN forward pass."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile both backbones."})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on GPUs)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the model (and its card) to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id (default: the output dir's name)."})
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo as private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Push to this branch (default: main)."})
+    create_pr: bool = field(default=False, metadata={"help": "Push as a pull request instead of a commit."})
     hub_strategy: Literal["end", "every_save"] = field(
         default="end", metadata={"help": "end: push the final model; every_save: also at each checkpoint."}
     )
@@ -202,6 +220,13 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, train_arg
         raise UsageError(first_line(error)) from error
 
 
+def trackers(train_args: TrainArguments) -> str | None:
+    """`--report_to` turns tracking on by itself (as in transformers); `--with_tracking` alone means tensorboard."""
+    if train_args.report_to == "none":
+        return None
+    return train_args.report_to or ("tensorboard" if train_args.with_tracking else None)
+
+
 def build_accelerator(train_args: TrainArguments) -> Accelerator:
     return Accelerator(
         # With no accelerator, `accelerate launch --multi_gpu` processes form a gloo group only if told they are on
@@ -209,7 +234,7 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
         cpu=not torch.accelerator.is_available(),
         mixed_precision=train_args.mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
-        log_with=train_args.report_to if train_args.with_tracking else None,
+        log_with=trackers(train_args),
         project_dir=train_args.output_dir,
         # The queue and key encoder are identical on every rank by construction; broadcasting them each step
         # (DDP's default) would copy K x dim floats per step for nothing.
@@ -235,10 +260,16 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
     """Load the training split, shard it for this process and work out the number of steps."""
     dataset_name = data_args.dataset_name or default_dataset_name()
     train_set = load_image_dataset(dataset_name, data_args.train_split, data_args.streaming,
-                                   data_args.dataset_config_name)  # fmt: skip
+                                   data_args.dataset_config_name, data_args.cache_dir)  # fmt: skip
+    if data_args.max_train_samples is not None:
+        train_set = take_rows(train_set, 0, data_args.max_train_samples)
     world, micro_batch = accelerator.num_processes, train_args.per_device_train_batch_size
     global_batch = micro_batch * world * train_args.gradient_accumulation_steps
     rows = dataset_rows(train_set)
+    if data_args.max_train_samples is not None:  # a stream's `take` keeps the whole split's length in its info
+        rows = min(rows or data_args.max_train_samples, data_args.max_train_samples)
+    if micro_batch < 2:
+        raise UsageError("--per_device_train_batch_size must be at least 2: BatchNorm cannot normalise one image.")
     if rows is not None and rows < micro_batch * world:
         raise DataError(
             f"the global batch ({micro_batch} per process x {world} processes) is larger than the dataset "
@@ -292,6 +323,9 @@ def build_model(config: MocoConfig, model_args: ModelArguments, train_args: Trai
         model = MocoModel(config)
     except ValueError as error:  # a setting that does not fit the backbone, e.g. --cifar_stem on a ViT
         raise UsageError(first_line(error)) from error
+    if model_args.model_name_or_path:
+        source = load_pretrained_weights(model, model_args.model_name_or_path, model_args.trust_remote_code)
+        logger.info("Initialised from %s.", source)
     if model_args.sync_bn and world > 1:
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
     if train_args.channels_last:
@@ -323,6 +357,25 @@ def resume(train_args: TrainArguments, output_dir: Path, accelerator: Accelerato
     return state
 
 
+def build_knn_monitor(
+    data_args: DataArguments, train_args: TrainArguments, dataset_name: str, accelerator: Accelerator
+) -> KnnMonitor:
+    splits = KnnSplits(
+        dataset_name=data_args.eval_dataset_name or dataset_name,
+        bank_split=data_args.eval_train_split,
+        query_split=data_args.eval_split,
+        max_bank_samples=data_args.knn_max_train_samples,
+        max_query_samples=data_args.knn_max_eval_samples,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        config_name=data_args.dataset_config_name if data_args.eval_dataset_name is None else None,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+    )
+    return KnnMonitor(splits, accelerator, data_args.image_size, data_args.image_mean, data_args.image_std,
+                      data_args.knn_k, data_args.knn_temperature, train_args.per_device_eval_batch_size)  # fmt: skip
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
@@ -338,8 +391,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     plan: DataPlan
-    knn: KnnMonitor
-    knn_splits: KnnSplits
+    knn: KnnMonitor | None
     learning_rate: float
     output_dir: Path
     repo_id: str
@@ -379,7 +431,10 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def record_knn(run: Run, state: TrainerState) -> float:
+def record_knn(run: Run, state: TrainerState) -> float | None:
+    """kNN top-1 now (None with the monitor off), added to the history and the trackers."""
+    if run.knn is None:
+        return None
     accuracy = run.knn(run.moco)
     state.knn_history.append({"step": state.completed_steps, "knn_top1": accuracy})
     run.accelerator.log({"knn_top1": accuracy}, step=state.completed_steps)
@@ -395,17 +450,20 @@ def save_model(run: Run, state: TrainerState, folder: Path) -> None:
             f"could not write the model to {folder}: {first_line(error) or type(error).__name__}. The checkpoints "
             "are intact; free some space and resume with --resume_from_checkpoint latest to save it."
         ) from error
+    image_processor_for(run.config).save_pretrained(folder)  # for AutoImageProcessor, the pipeline and the widget
+    summary = training_summary(run, state)
+    summary.save(folder)  # `moco-hf export` carries it over to the encoder's card
     card_repo_id = run.publisher.repo_id if run.publisher else run.repo_id  # the Hub may add the user's namespace
-    render_model_card(run.config, card_repo_id, "model", training_summary(run, state)).save(folder / "README.md")
+    render_model_card(run.config, card_repo_id, "model", summary).save(folder / "README.md")
 
 
 def training_summary(run: Run, state: TrainerState) -> TrainingSummary:
-    config, splits = run.config, run.knn_splits
+    config, knn = run.config, run.knn
     card_dataset = run.data_args.dataset_name or HUB_CIFAR10  # the default data is a copy of this Hub dataset
     last = state.knn_history[-1] if state.knn_history else None
     results = [
-        EvaluationResult(f"kNN top-1 (k={run.knn.k}, T={run.knn.temperature})",
-                         run.data_args.eval_dataset_name or card_dataset, splits.query_split_slice, last["knn_top1"])
+        EvaluationResult(f"kNN top-1 (k={knn.k}, T={knn.temperature})",
+                         run.data_args.eval_dataset_name or card_dataset, knn.query_description, last["knn_top1"])
     ] if last and last["step"] > 0 else []  # fmt: skip
     optimizer = (
         f"{config.optimizer.upper()} (momentum {config.sgd_momentum}, weight decay {config.weight_decay})"
@@ -520,7 +578,7 @@ def out_of_time(run: Run) -> bool:
 def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]]) -> None:
     """Steps until `total_steps` (or the wall-time budget), logging, kNN monitoring and checkpointing on the way."""
     args, plan = run.args, run.plan
-    eval_every_steps = int(args.eval_every * plan.steps_per_epoch) if args.eval_every else None
+    eval_every_steps = int(args.eval_every * plan.steps_per_epoch) if args.eval_every and run.knn else None
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps,
                     disable=not run.accelerator.is_local_main_process, desc="MoCo")  # fmt: skip
     run.model.train()
@@ -545,23 +603,14 @@ def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]]) ->
         progress.close()  # so that an error message starts on its own line
 
 
-def finish(run: Run, state: TrainerState) -> None:
-    """The final kNN, checkpoint, model with its card, results.json, curves and Hub push."""
-    accuracy = record_knn(run, state)
-    if not (run.args.checkpointing_steps and state.completed_steps % run.args.checkpointing_steps == 0):
-        checkpoint(run, state)
-    if not run.accelerator.is_main_process:
-        return
-    save_model(run, state, run.output_dir / "model")
-    if run.publisher is not None:
-        run.publisher.upload(run.output_dir / "model", f"End of training, step {state.completed_steps}")
-    history = state.knn_history
-    initial = history[0]["knn_top1"] if history and history[0]["step"] == 0 else None
-    epochs = state.completed_steps / run.plan.steps_per_epoch
+def write_results(run: Run, state: TrainerState, accuracy: float | None) -> dict[str, Any]:
+    """`results.json`, the kNN curve (JSON and PNG, against epochs) and the training curves."""
+    history, epochs = state.knn_history, state.completed_steps / run.plan.steps_per_epoch
     results = {
         "knn_top1": accuracy,
-        "knn_top1_initial": initial,
-        "knn_split": run.knn_splits.query_split_slice,
+        "knn_top1_initial": history[0]["knn_top1"] if history and history[0]["step"] == 0 else None,
+        "knn_dataset": run.knn.dataset_name if run.knn else None,
+        "knn_split": run.knn.query_description if run.knn else None,
         "steps": state.completed_steps,
         "epochs": epochs,
         "global_batch_size": run.plan.global_batch,
@@ -572,18 +621,38 @@ def finish(run: Run, state: TrainerState) -> None:
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    curve = [{**point, "epoch": point["step"] / run.plan.steps_per_epoch} for point in history]
-    (run.output_dir / "knn_curve.json").write_text(json.dumps(curve, indent=2))
-    plot_knn_curve(curve, run.output_dir / "knn_curve.png", f"{run.config.backbone}, {results['knn_split']}")
+    if history:
+        curve = [{**point, "epoch": point["step"] / run.plan.steps_per_epoch} for point in history]
+        (run.output_dir / "knn_curve.json").write_text(json.dumps(curve, indent=2))
+        plot_knn_curve(curve, run.output_dir / "knn_curve.png", f"{run.config.backbone}, {results['knn_split']}")
     plot_training_curves(run.metrics_path, history, run.output_dir / "training_curves.png")
+    return results
+
+
+def finish(run: Run, state: TrainerState) -> None:
+    """The final kNN, checkpoint, model with its card, results, curves and Hub push."""
+    accuracy = record_knn(run, state)
+    if not (run.args.checkpointing_steps and state.completed_steps % run.args.checkpointing_steps == 0):
+        checkpoint(run, state)
+    if not run.accelerator.is_main_process:
+        return
+    save_model(run, state, run.output_dir / "model")
+    if run.publisher is not None:
+        run.publisher.upload(run.output_dir / "model", f"End of training, step {state.completed_steps}")
+    results = write_results(run, state, accuracy)
     if state.skipped_images:
         logger.warning("%d images could not be decoded and were skipped.", state.skipped_images)
     if run.publisher is not None and run.publisher.finish():
         print(f"Pushed to the Hub: {run.publisher.repo_id}")
+    model = f"after {state.completed_steps} steps. Model: {run.output_dir / 'model'}"
+    if run.knn is None:
+        print(f"Trained {model} (kNN monitor off)")
+        return
+    initial = results["knn_top1_initial"]
     print(
-        f"kNN top-1 (k={run.knn.k}) on {run.knn_splits.query_split}: "
+        f"kNN top-1 (k={run.knn.k}) on {run.knn.query_description}: "
         + (f"random init {initial:.2f}% -> " if initial is not None else "")
-        + f"MoCo {accuracy:.2f}% after {state.completed_steps} steps. Model: {run.output_dir / 'model'}"
+        + f"MoCo {accuracy:.2f}% {model}"
     )
 
 
@@ -601,6 +670,9 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     config = build_config(model_args, data_args, train_args)
     plan = plan_data(data_args, train_args, accelerator)
     model = build_model(config, model_args, train_args, accelerator.num_processes)
+    if 0 < config.queue_size < plan.global_batch:
+        logger.warning("The queue (K=%d) is smaller than the global batch (%d): each step keeps only the newest %d "
+                       "keys as negatives.", config.queue_size, plan.global_batch, config.queue_size)  # fmt: skip
     learning_rate = train_args.learning_rate or config.base_learning_rate * plan.global_batch / 256
     optimizer = build_optimizer(model, config, learning_rate)
     scheduler = learning_rate_scheduler(optimizer, config.lr_schedule, plan.total_steps,
@@ -610,17 +682,13 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         remove_incomplete_checkpoints(output_dir)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = resume(train_args, output_dir, accelerator)
-    knn_splits = KnnSplits(data_args.eval_dataset_name or plan.dataset_name, data_args.eval_train_split,
-                           data_args.eval_split, data_args.knn_max_train_samples, data_args.knn_max_eval_samples,
-                           data_args.image_column, data_args.label_column, data_args.dataset_config_name,
-                           data_args.streaming)  # fmt: skip
-    knn = KnnMonitor(knn_splits, accelerator, data_args.image_size, data_args.image_mean, data_args.image_std,
-                     data_args.knn_k, data_args.knn_temperature)  # fmt: skip
+    knn = build_knn_monitor(data_args, train_args, plan.dataset_name, accelerator) if train_args.knn_monitor else None
     repo_id = train_args.hub_model_id or output_dir.resolve().name  # also the model card's title
     publisher = None
     if train_args.push_to_hub and accelerator.is_main_process:
-        publisher = HubPublisher(repo_id, train_args.hub_token, train_args.hub_private_repo)
-    run = Run(train_args, data_args, config, accelerator, model, optimizer, scheduler, plan, knn, knn_splits,
+        publisher = HubPublisher(repo_id, train_args.hub_token, train_args.hub_private_repo, train_args.hub_revision,
+                                 train_args.create_pr)  # fmt: skip
+    run = Run(train_args, data_args, config, accelerator, model, optimizer, scheduler, plan, knn,
               learning_rate, output_dir, repo_id, publisher, seconds_before=state.training_seconds)  # fmt: skip
     write_run_config(run, model_args)
     return run, state
@@ -628,8 +696,14 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
 def write_run_config(run: Run, model_args: ModelArguments) -> None:
     run_config = {**asdict(model_args), **asdict(run.data_args), **asdict(run.args)}
-    run_config |= {"dataset_name": run.plan.dataset_name, "learning_rate": run.learning_rate,
-                   "total_steps": run.plan.total_steps}  # fmt: skip
+    run_config |= {
+        # What the run used, resolved: the launcher's precision, the default data's path, the scaled lr.
+        "mixed_precision": run.accelerator.mixed_precision,
+        "dataset_name": run.plan.dataset_name,
+        "learning_rate": run.learning_rate,
+        "total_steps": run.plan.total_steps,
+        "num_processes": run.accelerator.num_processes,
+    }
     if run.accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         (run.output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
@@ -641,7 +715,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     """Setup, then the loop, then the saves; returns the exit status (128 + signal when stopped by one)."""
     run, state = setup(model_args, data_args, train_args)
     accelerator, plan = run.accelerator, run.plan
-    if train_args.knn_at_start and state.completed_steps == 0:
+    if run.knn is not None and train_args.knn_at_start and state.completed_steps == 0:
         logger.info("kNN top-1 of the initial (random) encoder: %.2f%%", record_knn(run, state))
     logger.info(
         "Training %s (%s) for %d steps: %d processes x %d images x %d accumulation = %d per step, lr %.4g, "
