@@ -33,18 +33,20 @@ def describe_shape_mismatch(name_or_path: str | Path, kwargs: dict) -> str:
 
 
 def check_is_moco_model(name_or_path: str | Path) -> None:
-    """Raise `UsageError` unless `name_or_path` holds a saved MocoModel (a folder or Hub repo with a moco config)."""
+    """Raise `UsageError` when the local folder `name_or_path` is not a saved MocoModel (a training checkpoint, an
+    exported timm encoder, another model); Hub ids are left to `from_pretrained`."""
     folder = Path(name_or_path)
+    if not folder.is_dir():
+        return
     if (folder / "trainer_state.json").is_file():
         raise UsageError(
             f"{folder} is a training checkpoint (Accelerate state, no config.json); use the run's model folder "
             f"({folder.parent.parent / 'model'}), or resume training from the checkpoint with "
             "--resume_from_checkpoint and let it save the model."
         )
-    config_file = cached_file(str(name_or_path), "config.json", _raise_exceptions_for_missing_entries=False)
-    if config_file is None:
-        raise UsageError(f"{name_or_path} has no config.json: it is not a saved MocoModel (save_pretrained).")
-    model_type = json.loads(Path(config_file).read_text()).get("model_type")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder} has no config.json: it is not a saved MocoModel (save_pretrained).")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type != MocoConfig.model_type:
         what = "an exported timm encoder" if model_type is None else f"a {model_type!r} model"
-        raise UsageError(f"{name_or_path} holds {what}, not a MocoModel (config.json model_type 'moco').")
+        raise UsageError(f"{folder} holds {what}, not a MocoModel (config.json model_type 'moco').")

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moco import MocoConfig
-from .loading_errors import describe_shape_mismatch
+from .loading_errors import check_is_moco_model, describe_shape_mismatch
 
 logger = logging.get_logger(__name__)
 
@@ -208,9 +208,11 @@ class MocoEncoder(nn.Module):
 
 class MocoPreTrainedModel(PreTrainedModel):
     config_class = MocoConfig
-    base_model_prefix = "moco"
+    base_model_prefix = "encoder_q"  # the query encoder: `model.base_model`, the network to transfer
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    # `transformers.Trainer`: the loss is a per-batch mean, so gradient accumulation averages it (no token counts).
+    accepts_loss_kwargs = False
     # The queue is a bank of unit vectors compared with every query: keep it in fp32 even when loading in bf16/fp16.
     _keep_in_fp32_modules_strict = ["^queue$"]  # a regex: `queue_ptr` stays an integer
 
@@ -269,6 +271,7 @@ class MocoModel(MocoPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MocoModel:
+        check_is_moco_model(pretrained_model_name_or_path)  # one line for a training checkpoint or a timm export
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except RuntimeError as error:

@@ -1,0 +1,174 @@
+"""What a Hugging Face user tries first: kNN without a test split, the pipeline on the full model, exports that
+never write random weights, warm starts, the arguments HF users expect, and `transformers.Trainer`."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
+from datasets import load_dataset
+from huggingface_hub import ModelCard
+from transformers import AutoImageProcessor, AutoModel, pipeline
+
+from moco_hf import MocoConfig, MocoModel, export_encoder
+from moco_hf.augmentation import evaluation_transform
+from moco_hf.cli import main as moco_hf_cli
+from moco_hf.errors import UsageError
+from moco_hf.warm_start import load_pretrained_weights
+
+
+def one_error_line(stderr: str) -> str:
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in stderr
+    return line
+
+
+@pytest.fixture(scope="module")
+def train_only_dataset(small_dataset, tmp_path_factory):
+    """The small CIFAR parquet dataset without its test split (an image collection with no held-out data)."""
+    root = tmp_path_factory.mktemp("train_only")
+    shutil.copytree(small_dataset / "data", root / "data", ignore=shutil.ignore_patterns("test-*"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved_moco(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "moco"
+    torch.manual_seed(1)
+    config = MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, image_size=32)
+    MocoModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_no_test_split_holds_queries_out_of_the_bank_and_hf_arguments_work(train_only_dataset, saved_moco, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(train_only_dataset), "--output_dir", str(out),
+            "--max_train_samples", "64", "--num_train_epochs", "1", "--report_to", "tensorboard",
+            "--model_name_or_path", str(saved_moco), "--num_warmup_steps", "2"]  # fmt: skip
+    result = run_pretrain(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "has no split 'test': the kNN queries are the first 32 images of 'train', held out" in result.stderr
+    assert f"Initialised from the MocoModel {saved_moco}" in result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn_split"] == "train[:32]" and results["steps"] == 4  # 64 images, 16 per step, one epoch
+    peak = 0.03 * 16 / 256  # logged after each step: warmup over 2 steps, then a cosine over the last 2
+    logged = [row["lr"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert logged == pytest.approx([peak, peak, peak / 2, 0.0])
+    card = ModelCard.load(out / "model" / "README.md")
+    (evaluation,) = card.data.eval_results
+    assert evaluation.dataset_split == "train[:32]" and evaluation.dataset_name == train_only_dataset.name
+    assert str(train_only_dataset.parent) not in card.content  # no local paths of this machine in the card
+    assert list((out / "moco").glob("events.out.tfevents.*")), "--report_to alone must turn tracking on"
+    assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+def test_save_to_disk_folders_small_batches_and_no_monitor(small_dataset, tmp_path):
+    saved = tmp_path / "saved"
+    load_dataset(str(small_dataset)).save_to_disk(saved)
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(saved), "--output_dir", str(out), "--max_train_steps", "3",
+            "--per_device_train_batch_size", "6", "--queue_size", "4", "--knn_monitor", "false"]  # fmt: skip
+    result = run_pretrain(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "using 3 groups" in result.stderr  # 6 images cannot make 8 BatchNorm groups of 2
+    assert "The queue (K=4) is smaller than the global batch (6)" in result.stderr
+    assert "(kNN monitor off)" in result.stdout and json.loads((out / "results.json").read_text())["knn_top1"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval_split", "train"], "the kNN bank and queries are both split 'train': every query would find itself"),
+        (["--per_device_train_batch_size", "1"], "--per_device_train_batch_size must be at least 2"),
+    ],
+)
+def test_unusable_settings_stop_before_any_work(small_dataset, tmp_path, extra, message):
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(tmp_path), *extra)
+    assert result.returncode == 2 and message in one_error_line(result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "cifar-moco"
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(out),
+                          "--max_train_steps", "2", "--checkpointing_steps", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_the_pipeline_and_image_processor_load_the_full_model(trained_run, cifar_images):
+    folder = trained_run / "model"
+    images = cifar_images[0][:4]
+    model = AutoModel.from_pretrained(folder).eval()
+    transform = evaluation_transform(32, model.config.image_mean, model.config.image_std)
+    with torch.no_grad():
+        expected = model.get_image_features(torch.stack([transform(im) for im in images])).pooler_output
+    processor = AutoImageProcessor.from_pretrained(folder)
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, torch.stack([transform(im) for im in images]), atol=1e-5, rtol=0)
+    extractor = pipeline("image-feature-extraction", model=str(folder), pool=True)
+    features = torch.tensor(extractor(images)).reshape(len(images), -1)
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_export_carries_the_runs_card_and_refuses_what_is_not_a_moco_model(trained_run, tmp_path, capsys):
+    encoder = tmp_path / "encoder"
+    assert moco_hf_cli(["export", str(trained_run / "model"), str(encoder)]) == 0
+    card = ModelCard.load(encoder / "README.md")
+    results = json.loads((trained_run / "results.json").read_text())
+    (evaluation,) = card.data.eval_results
+    assert evaluation.metric_value == pytest.approx(round(results["knn_top1"], 2))
+    assert evaluation.dataset_split == "test[:32]" and "| steps | 2 |" in card.content
+    assert "hf-hub:<your-username>/encoder" in card.content and "hf-hub:encoder" not in card.content
+    capsys.readouterr()
+    for not_a_model, message in (
+        (encoder, "holds an exported timm encoder, not a MocoModel"),
+        (trained_run / "checkpoints" / "step_2", f"is a training checkpoint (Accelerate state, no config.json); use "
+                                                 f"the run's model folder ({trained_run / 'model'})"),
+    ):  # fmt: skip
+        target = tmp_path / "not-written"
+        assert moco_hf_cli(["export", str(not_a_model), str(target)]) == 2
+        assert message in one_error_line(capsys.readouterr().err) and not target.exists()
+        with pytest.raises(UsageError, match=re.escape(message)):
+            MocoModel.from_pretrained(not_a_model)
+
+
+def test_warm_start_from_a_moco_model_or_timm_weights(saved_moco, tmp_path):
+    source = MocoModel.from_pretrained(saved_moco)
+    model = MocoModel(source.config)
+    assert "MocoModel" in load_pretrained_weights(model, str(saved_moco))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    exported = export_encoder(source, tmp_path / "encoder")
+    fresh = MocoModel(source.config)
+    head_before = fresh.encoder_q.head.state_dict()
+    assert "timm weights" in load_pretrained_weights(fresh, str(exported))
+    for encoder in (fresh.encoder_q, fresh.encoder_k):
+        for name, tensor in source.encoder_q.backbone.state_dict().items():
+            assert torch.equal(encoder.backbone.state_dict()[name], tensor), name
+    assert all(torch.equal(head_before[k], v) for k, v in fresh.encoder_q.head.state_dict().items())
+    other = MocoModel(MocoConfig.from_preset("v2", backbone="resnet34", queue_size=64))
+    with pytest.raises(UsageError, match="could not start from"):
+        load_pretrained_weights(other, str(exported))
+
+
+README_TRAINER = re.compile(r"<!-- trainer-example -->\s*```python\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.slow
+def test_the_readme_example_with_transformers_trainer_runs(tmp_path, monkeypatch):
+    (code,) = README_TRAINER.findall((REPO_ROOT / "README.md").read_text())
+    monkeypatch.chdir(REPO_ROOT)
+    code = code.replace('output_dir="outputs/trainer-moco"', f'output_dir="{tmp_path}"')
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # the example as a user would paste it
+    model, trainer = namespace["model"], namespace["trainer"]
+    assert trainer.state.global_step == 3 and int(model.queue_ptr) == (3 * 16) % 1024
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
