@@ -707,7 +707,7 @@ def write_run_config(run: Run, model_args: ModelArguments) -> None:
     if run.accelerator.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
         (run.output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-    if run.args.with_tracking:
+    if trackers(run.args):
         run.accelerator.init_trackers("moco", config={k: str(v) for k, v in run_config.items()})
 
 
