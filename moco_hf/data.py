@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -136,6 +137,11 @@ def to_rgb(image: PILImage.Image) -> PILImage.Image:
 
 def decode_image(value: Any) -> PILImage.Image | None:
     """A `datasets.Image(decode=False)` value (bytes or path) as an RGB PIL image; None if it cannot be decoded."""
+    return decode_image_or_reason(value)[0]
+
+
+def decode_image_or_reason(value: Any) -> tuple[PILImage.Image | None, str | None]:
+    """`decode_image`, with the reason when it returns None (for the message when nothing decodes)."""
     try:
         if isinstance(value, PILImage.Image):
             image = value
@@ -144,15 +150,15 @@ def decode_image(value: Any) -> PILImage.Image | None:
         elif isinstance(value, dict) and value.get("path"):
             image = PILImage.open(value["path"])
         else:
-            return None
+            return None, f"no image bytes or path (value {str(value)[:60]})"
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)  # a bomb is skipped, not decoded
             image.load()
         if min(image.size) < 1:
-            return None
-        return to_rgb(image)
-    except Exception:  # a corrupt file must never stop a run: it is counted by the caller
-        return None
+            return None, f"an empty image of size {image.size}"
+        return to_rgb(image), None
+    except Exception as error:  # a corrupt file must never stop a run: it is counted by the caller
+        return None, f"{type(error).__name__}: {first_line(error)}"
 
 
 def dataset_rows(dataset: Dataset | IterableDataset) -> int | None:
@@ -235,15 +241,20 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
         return self.skip_batches % max(1, num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches, endlessly; a batch `{"error": message}` instead when the stream yields no usable image (the
+        consumer raises it: an exception raised in a DataLoader worker would reach the user as a traceback)."""
         position = self._position()
         to_skip = position.skip_batches * self.batch_size  # decodable images to pass over before augmenting
-        queries, keys, skipped, epoch = [], [], 0, 0
+        queries, keys, skipped, epoch, failures = [], [], 0, 0, UndecodableRun(self.image_column)
         while True:
             self.dataset.set_epoch(epoch)
             rows_seen = 0
             for index, row in enumerate(self.dataset):
                 rows_seen += 1
-                image = decode_image(row[self.image_column])
+                image, reason = decode_image_or_reason(row[self.image_column])
+                if failures.add(reason):
+                    yield {"error": failures.message()}
+                    return
                 if to_skip:  # consumed (and its failures counted) by the run this one resumes
                     to_skip -= image is not None
                     continue
@@ -259,15 +270,43 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
                     yield {"query": torch.stack(queries), "key": torch.stack(keys), "skipped": skipped}
                     queries, keys, skipped = [], [], 0
             if rows_seen == 0:
-                raise DataError(
-                    f"worker {position.worker} of process {position.rank} received no rows: the stream has fewer "
-                    "shards than workers; lower --dataloader_num_workers."
-                )
+                yield {
+                    "error": f"worker {position.worker} of process {position.rank} received no rows: the dataset is "
+                    "empty, or has fewer shards than workers (lower --dataloader_num_workers)."
+                }
+                return
             epoch += 1
 
 
-def limit_worker_threads(_worker_id: int = 0) -> None:
-    """A DataLoader `worker_init_fn`: one intra-op thread per worker, since the workers run in parallel already."""
+class UndecodableRun:
+    """Counts images that fail to decode one after another; too many in a row means none will."""
+
+    LIMIT = 1000
+
+    def __init__(self, column: str) -> None:
+        self.column, self.in_a_row, self.reasons = column, 0, []
+
+    def add(self, reason: str | None) -> bool:
+        """Record one image (`reason` None: it decoded); True once the limit of failures in a row is reached."""
+        if reason is None:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if len(self.reasons) < 3 and reason not in self.reasons:  # the first distinct reasons
+            self.reasons.append(reason)
+        return self.in_a_row >= self.LIMIT
+
+    def message(self) -> str:
+        return (f"{self.in_a_row} images in a row of column {self.column!r} could not be decoded (first: "
+                f"{'; '.join(self.reasons)}); check --image_column and the files it points to.")  # fmt: skip
+
+
+def init_loader_worker(_worker_id: int = 0) -> None:
+    """A DataLoader `worker_init_fn`: one intra-op thread per worker (they run in parallel already), and SIGINT and
+    SIGTERM left to the main process, which saves a checkpoint (a Ctrl-C reaches the whole process group; a worker
+    that died of it would make the save fail). Workers still exit with the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
 

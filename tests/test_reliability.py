@@ -98,8 +98,9 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["process", "process group"])  # a terminal's Ctrl-C, `timeout`, schedulers: group
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_and_sigint_save_a_checkpoint_before_exiting(small_dataset, tmp_path, signum):
+def test_sigterm_and_sigint_save_a_checkpoint_before_exiting(small_dataset, tmp_path, signum, target):
     out = tmp_path / "run"
     args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_at_start", "false"]
     process = start_pretrain(*args, "--max_train_steps", "500", "--output_dir", str(out))
@@ -107,7 +108,10 @@ def test_sigterm_and_sigint_save_a_checkpoint_before_exiting(small_dataset, tmp_
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    process.send_signal(signum)
+    if target == "process":
+        process.send_signal(signum)
+    else:  # the DataLoader workers get it too: they must leave the save to the main process
+        os.killpg(process.pid, signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, stderr[-3000:]
     assert f"{signal.Signals(signum).name} received: saving a checkpoint" in stderr
@@ -184,6 +188,40 @@ def test_each_bad_image_is_converted_or_skipped(bad_files, cifar_images):
             assert pixels[0, 0].tolist() == [0, 0, 0]
         expected_size = {"one_pixel": (1, 1), "much_larger_than_crop": (2400, 1800)}.get(name, (64, 64))
         assert image.size == expected_size, name
+
+
+@pytest.fixture(scope="module")
+def undecodable_dataset(tmp_path_factory) -> Path:
+    """Train and test splits whose image column holds no image: empty values and paths to missing files."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    # Image's storage struct, written as such (encoding or embedding would read the missing files): the run is told
+    # the column with --image_column.
+    raw = Features({"image": {"bytes": Value("binary"), "path": Value("string")}, "label": ClassLabel(num_classes=10)})
+    root = tmp_path_factory.mktemp("undecodable")
+    (root / "data").mkdir()
+    values = [None, {"bytes": None, "path": "/no/such/image.jpg"}] * 30
+    for split in ("train", "test"):
+        dataset = Dataset.from_dict({"image": values, "label": [0] * len(values)}, features=raw)
+        dataset.to_parquet(root / "data" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("knn", ["kNN at start", "no kNN"])
+def test_a_dataset_with_no_decodable_image_stops_with_one_line(undecodable_dataset, small_dataset, tmp_path, knn):
+    args = [*FAST_TRAINING, "--dataset_name", str(undecodable_dataset), "--output_dir", str(tmp_path),
+            "--max_train_steps", "3", "--image_column", "image"]  # fmt: skip
+    if knn == "no kNN":
+        args += ["--knn_at_start", "false", "--eval_dataset_name", str(small_dataset)]
+    result = run_pretrain(*args, timeout=300)
+    assert result.returncode == 2
+    error = one_line_error(result)
+    if knn == "kNN at start":
+        assert "the kNN bank of" in error and "hold no decodable image (column 'image')" in error
+    else:
+        assert "1000 images in a row of column 'image' could not be decoded" in error
+        assert "no image bytes or path" in error and "FileNotFoundError" in error
 
 
 @pytest.mark.slow

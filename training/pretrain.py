@@ -53,7 +53,7 @@ from moco_hf.data import (
     dataset_rows,
     default_dataset_name,
     find_image_column,
-    limit_worker_threads,
+    init_loader_worker,
     load_image_dataset,
     shard_for_process,
     take_rows,
@@ -308,13 +308,13 @@ def build_loader(
         batches,
         batch_size=None,
         num_workers=plan.num_workers,
-        worker_init_fn=limit_worker_threads,
+        worker_init_fn=init_loader_worker,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
     )
     data = iter(loader)
     for _ in range(batches.batches_to_drop(plan.num_workers)):
-        next(data)
+        next_batch(data)
     return data
 
 
@@ -411,24 +411,37 @@ class Run:
         return self.seconds_before + time.perf_counter() - self.session_start
 
 
-class StopRequested(BaseException):
-    """SIGTERM/SIGINT arrived: save a checkpoint and exit (a BaseException, like KeyboardInterrupt, so that no
-    `except Exception` on the way swallows it)."""
+class StopSignal:
+    """Records SIGTERM/SIGINT; the loop stops at the end of the step in progress and saves a checkpoint of a
+    consistent state. A second signal interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.received = signal.Signals(signum)
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into `StopRequested` while training; the previous handlers come back after."""
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        raise StopRequested(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+def stop_on_signals() -> Iterator[StopSignal]:
+    """Handle SIGTERM and SIGINT with a `StopSignal` while training; the previous handlers come back after."""
+    stop = StopSignal()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def next_batch(data: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next two-crop batch; a data error reported by a loader worker becomes a one-line `DataError`."""
+    batch = next(data)
+    if "error" in batch:
+        raise DataError(batch["error"])
+    return batch
 
 
 def record_knn(run: Run, state: TrainerState) -> float | None:
@@ -540,7 +553,7 @@ def training_step(run: Run, state: TrainerState, data: Iterator[dict[str, Any]],
     moco.key_momentum = momentum_at(state.completed_steps, run.plan.total_steps, run.config.momentum,
                                     run.config.momentum_schedule)  # fmt: skip
     for _ in range(run.args.gradient_accumulation_steps):
-        batch = next(data)
+        batch = next_batch(data)
         state.skipped_images += batch["skipped"]
         query, key = (batch[view].to(accelerator.device, non_blocking=True) for view in ("query", "key"))
         if run.args.channels_last:
@@ -575,8 +588,9 @@ def out_of_time(run: Run) -> bool:
     return bool(broadcast(over, from_process=0).item())
 
 
-def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]]) -> None:
-    """Steps until `total_steps` (or the wall-time budget), logging, kNN monitoring and checkpointing on the way."""
+def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]], stop: StopSignal) -> None:
+    """Steps until `total_steps`, the wall-time budget or a stop signal, logging, kNN monitoring and checkpointing
+    on the way."""
     args, plan = run.args, run.plan
     eval_every_steps = int(args.eval_every * plan.steps_per_epoch) if args.eval_every and run.knn else None
     progress = tqdm(total=plan.total_steps, initial=state.completed_steps,
@@ -587,16 +601,18 @@ def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]]) ->
         while state.completed_steps < plan.total_steps:
             training_step(run, state, data, window)
             progress.update(1)
+            if stop.received:
+                return
             step, last = state.completed_steps, state.completed_steps == plan.total_steps
-            stop = out_of_time(run)
-            if step % args.logging_steps == 0 or last or stop:
+            over_budget = out_of_time(run)
+            if step % args.logging_steps == 0 or last or over_budget:
                 log_metrics(run, window.metrics(run, state), progress)
                 window = MetricsWindow()
-            if eval_every_steps and step % eval_every_steps == 0 and not last and not stop:
+            if eval_every_steps and step % eval_every_steps == 0 and not last and not over_budget:
                 logger.info("step %d: kNN top-1 %.2f%%", step, record_knn(run, state))
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 checkpoint(run, state)
-            if stop:
+            if over_budget:
                 logger.warning("--max_train_minutes %s reached at step %d: stopping.", args.max_train_minutes, step)
                 return
     finally:
@@ -715,25 +731,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     """Setup, then the loop, then the saves; returns the exit status (128 + signal when stopped by one)."""
     run, state = setup(model_args, data_args, train_args)
     accelerator, plan = run.accelerator, run.plan
-    if run.knn is not None and train_args.knn_at_start and state.completed_steps == 0:
-        logger.info("kNN top-1 of the initial (random) encoder: %.2f%%", record_knn(run, state))
-    logger.info(
-        "Training %s (%s) for %d steps: %d processes x %d images x %d accumulation = %d per step, lr %.4g, "
-        "%d loader workers per process, shuffle_bn=%s.",
-        run.config.backbone, model_args.preset, plan.total_steps, accelerator.num_processes, plan.micro_batch,
-        train_args.gradient_accumulation_steps, plan.global_batch, run.learning_rate, plan.num_workers,
-        run.moco.resolve_shuffle_bn(),
-    )  # fmt: skip
-    skip_batches = state.completed_steps * train_args.gradient_accumulation_steps
-    data = build_loader(plan, run.config, data_args, train_args.seed, accelerator.process_index, skip_batches,
-                        accelerator.device)  # fmt: skip
-    with stop_on_signals():
-        try:
-            train_loop(run, state, data)
-        except StopRequested as stop:
-            logger.warning("%s received: saving a checkpoint at step %d before exiting.", stop, state.completed_steps)
+    with stop_on_signals() as stop:
+        if run.knn is not None and train_args.knn_at_start and state.completed_steps == 0:
+            logger.info("kNN top-1 of the initial (random) encoder: %.2f%%", record_knn(run, state))
+        logger.info(
+            "Training %s (%s) for %d steps: %d processes x %d images x %d accumulation = %d per step, lr %.4g, "
+            "%d loader workers per process, shuffle_bn=%s.",
+            run.config.backbone, model_args.preset, plan.total_steps, accelerator.num_processes, plan.micro_batch,
+            train_args.gradient_accumulation_steps, plan.global_batch, run.learning_rate, plan.num_workers,
+            run.moco.resolve_shuffle_bn(),
+        )  # fmt: skip
+        skip_batches = state.completed_steps * train_args.gradient_accumulation_steps
+        data = build_loader(plan, run.config, data_args, train_args.seed, accelerator.process_index, skip_batches,
+                            accelerator.device)  # fmt: skip
+        train_loop(run, state, data, stop)
+        if stop.received:
+            logger.warning("%s received: saving a checkpoint at step %d before exiting.", stop.received.name,
+                           state.completed_steps)  # fmt: skip
             checkpoint(run, state)
-            return 128 + int(getattr(signal.Signals, str(stop)))
+            return 128 + stop.received
     finish(run, state)
     accelerator.end_training()
     return 0
