@@ -9,11 +9,14 @@ here, after the rename.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import pickle
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from .errors import DataError, RunError, UsageError, first_line
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"  # sha256 and size of every other file; written last, before the rename
+ABANDONED_DIR = "abandoned"  # checkpoints newer than the one a run rolled back to
 
 
 @dataclass
@@ -36,6 +41,7 @@ class TrainerState:
     skipped_images: int = 0
     knn_history: list[dict] = field(default_factory=list)  # [{"step": int, "knn_top1": float}, ...]
     training_seconds: float = 0.0
+    settings: dict = field(default_factory=dict)  # what the run was started with; a resume must agree
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainerState:
@@ -83,6 +89,7 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            write_manifest(staging)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -101,10 +108,73 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
-    """Restore Accelerate's state from `checkpoint` (every pickle checked first) and return its `TrainerState`."""
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """`manifest.json`: the sha256 and size of every file of a checkpoint folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {str(p.relative_to(folder)): {"sha256": file_digest(p), "bytes": p.stat().st_size} for p in files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, truncated or altered file), None when it is intact."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as error:
+        return f"{MANIFEST_FILE} is missing or unreadable ({first_line(error) or type(error).__name__})"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"] or file_digest(path) != expected["sha256"]:
+            return f"{name} is damaged (its size or sha256 differs from {MANIFEST_FILE})"
+    return None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) -> TrainerState:
+    """Restore Accelerate's state from `checkpoint` (every pickle checked first) and return its `TrainerState`, once
+    `settings` (this run's) agree with the checkpoint's: see `check_resume_settings`."""
+    state = read_trainer_state(checkpoint)
+    check_resume_settings(state.settings, settings, checkpoint)
     refuse_unsafe_pickles(checkpoint)
     accelerator.load_state(str(checkpoint))
+    state.settings = settings
+    return state
+
+
+# Settings a resumed run must share with its checkpoint: the data position is counted in batches of the old size,
+# the optimizer and scheduler state hold the old learning rate, and the weights have the old shapes.
+MUST_MATCH = ("per_device_train_batch_size", "num_processes", "gradient_accumulation_steps", "seed",
+              "learning_rate", "optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim", "queue_size", "mlp",
+              "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor")  # fmt: skip
+
+
+def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:
+    """Refuse (one line naming the setting) what the checkpoint cannot continue with; warn about what only costs
+    bit-exactness (the number of DataLoader workers)."""
+    for name in MUST_MATCH:
+        if name in saved and saved[name] != current.get(name):
+            raise UsageError(
+                f"{name} is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "
+                "resume with the same value, or start a new run in another --output_dir."
+            )
+    workers = "dataloader_num_workers"
+    if workers in saved and saved[workers] != current.get(workers):
+        logger.warning(
+            "--%s is %s but the checkpoint was written with %s: training continues from the same data position, "
+            "but the augmentation draws differ, so the run is no longer bit-identical to an uninterrupted one.",
+            workers, current.get(workers), saved[workers],
+        )  # fmt: skip
+
+
+def read_trainer_state(checkpoint: Path) -> TrainerState:
     return TrainerState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
 
 
@@ -152,11 +222,55 @@ def remove_incomplete_checkpoints(output_dir: Path) -> None:
 
 
 def resolve_checkpoint(value: str, output_dir: Path) -> Path | None:
-    """`--resume_from_checkpoint`: "latest" (the newest complete checkpoint, None if there is none) or a path."""
+    """`--resume_from_checkpoint`: "latest" (the newest intact checkpoint, None if there is none; damaged ones are
+    skipped with a warning) or a path (refused with one line when damaged)."""
     if value == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(checkpoint_dirs(output_dir)):
+            damage = checkpoint_damage(candidate)
+            if damage is None:
+                return candidate
+            logger.warning("Skipping checkpoint %s: %s; trying the one before.", candidate, damage)
+        return None
     path = Path(value)
     if not (path / STATE_FILE).is_file():
         raise UsageError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint (no {STATE_FILE}).")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise UsageError(f"checkpoint {path} cannot be trusted: {damage}. Resume from another one (or 'latest').")
     return path
+
+
+def set_aside_newer_checkpoints(checkpoint: Path, output_dir: Path) -> list[Path]:
+    """Rolling back to `checkpoint`: the run's newer checkpoints move to `checkpoints/abandoned/`, so that the
+    limit rotates the new ones and `latest` means this run's newest. Returns the new places."""
+    step = int(checkpoint.name[len(CHECKPOINT_PREFIX) :])
+    newer = [p for p in checkpoint_dirs(output_dir) if int(p.name[len(CHECKPOINT_PREFIX) :]) > step]
+    moved = []
+    for path in newer:
+        target = output_dir / "checkpoints" / ABANDONED_DIR / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
+class OutputDirLock:
+    """An exclusive lock on `output_dir/.lock`, held while a run lives: a second run there is refused at once. The
+    kernel releases it when the holder dies, however it dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, output_dir: Path) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (output_dir / ".lock").open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UsageError(
+                f"another run (pid {holder}) is writing to --output_dir {str(output_dir)!r}; wait for it to end "
+                "or choose another folder."
+            ) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()

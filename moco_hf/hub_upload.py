@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
-from concurrent.futures import Future
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -14,11 +17,20 @@ from .errors import first_line
 logger = logging.getLogger(__name__)
 
 
-class HubPublisher:
-    """Uploads model folders to one Hub repo with `upload_folder(run_as_future=True)`.
+@dataclass
+class Upload:
+    folder: Path
+    message: str
+    remove_after: bool  # a snapshot made for this upload, deleted once it is done (or abandoned)
 
-    A failed repo creation or upload (server error, no network, bad token) is reported once as a warning; the
-    local files are untouched and training goes on. `finish()` waits for the uploads still running.
+
+class HubPublisher:
+    """Creates one Hub repo and uploads model folders to it, in order, from a daemon thread.
+
+    Nothing here blocks training: repo creation happens in the thread too, so a Hub that never answers costs the
+    run nothing until `finish`, which waits at most `wait_seconds` and then says what was not uploaded and how to
+    push it later (the thread, a daemon, does not keep the process alive). A failure (server error, no network, bad
+    token) is one warning; the local files are complete either way.
     """
 
     def __init__(
@@ -30,49 +42,73 @@ class HubPublisher:
         create_pr: bool = False,
     ) -> None:
         self.api = HfApi(token=token)
-        self.repo_id, self.revision, self.create_pr = repo_id, revision, create_pr
-        self.uploads: list[Future] = []
+        self.repo_id, self.private, self.revision, self.create_pr = repo_id, private, revision, create_pr
+        self.ready: bool | None = None  # None until the repo creation has answered
         self.failures = 0
+        self.jobs: queue.Queue[Upload] = queue.Queue()
+        self.current: Upload | None = None
+        threading.Thread(target=self._work, name="hub-uploads", daemon=True).start()
+
+    def upload(self, folder: Path, message: str, remove_after: bool = False) -> None:
+        """Queue `folder` for upload (its files replace those of the repo); `remove_after` deletes it when done."""
+        self.jobs.put(Upload(folder, message, remove_after))
+
+    def finish(self, wait_seconds: float) -> bool:
+        """Wait up to `wait_seconds` for the queued uploads; True when every one succeeded."""
+        deadline = time.monotonic() + wait_seconds
+        if self.jobs.unfinished_tasks:
+            logger.info("Waiting up to %.0f s for the uploads to %s...", wait_seconds, self.repo_id)
+        with self.jobs.all_tasks_done:
+            while self.jobs.unfinished_tasks and time.monotonic() < deadline:
+                self.jobs.all_tasks_done.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if self.jobs.unfinished_tasks:
+            self._give_up(wait_seconds)
+            return False
+        return bool(self.ready) and self.failures == 0
+
+    def _work(self) -> None:
         try:
-            self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-            if revision is not None:
-                self.api.create_branch(self.repo_id, branch=revision, exist_ok=True)
+            self.repo_id = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True).repo_id
+            if self.revision is not None:
+                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
             self.ready = True
         except Exception as error:  # any failure of the Hub must leave training running
             self.ready = False
             self._report(error)
+        while True:
+            self.current = self.jobs.get()
+            try:
+                if self.ready:
+                    self.api.upload_folder(repo_id=self.repo_id, folder_path=self.current.folder,
+                                           commit_message=self.current.message, revision=self.revision,
+                                           create_pr=self.create_pr)  # fmt: skip
+                    logger.info("Pushed %s to the Hub repo %s.", self.current.folder.name, self.repo_id)
+            except Exception as error:
+                self._report(error)
+            finally:
+                if self.current.remove_after:
+                    shutil.rmtree(self.current.folder, ignore_errors=True)
+                self.current = None
+                self.jobs.task_done()
 
-    def upload(self, folder: Path, message: str, remove_after: bool = False) -> None:
-        """Start uploading `folder` (its files replace those of the repo); `remove_after` deletes it when done."""
-        if not self.ready:
-            return
-        future = self.api.upload_folder(
-            repo_id=self.repo_id,
-            folder_path=folder,
-            commit_message=message,
-            revision=self.revision,
-            create_pr=self.create_pr,
-            run_as_future=True,
-        )
-
-        def done(finished: Future) -> None:
-            if finished.exception() is not None:
-                self._report(finished.exception())
-            else:
-                logger.info("Pushed %s to the Hub repo %s.", folder.name, self.repo_id)
-            if remove_after:
-                shutil.rmtree(folder, ignore_errors=True)
-
-        future.add_done_callback(done)
-        self.uploads.append(future)
-
-    def finish(self) -> bool:
-        """Wait for the uploads in flight; True when every one succeeded."""
-        if any(not upload.done() for upload in self.uploads):
-            logger.info("Waiting for the uploads to %s to finish...", self.repo_id)
-        for upload in self.uploads:
-            upload.exception()  # waits; failures were reported by the callback
-        return self.ready and self.failures == 0
+    def _give_up(self, wait_seconds: float) -> None:
+        """Leave the hung uploads to the daemon thread; delete the snapshots made for them."""
+        abandoned = [self.current] if self.current else []
+        while True:
+            try:
+                abandoned.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        for upload in abandoned:
+            if upload.remove_after:
+                shutil.rmtree(upload.folder, ignore_errors=True)
+        final = [str(u.folder) for u in abandoned if not u.remove_after]
+        logger.warning(
+            "The Hub did not answer within %.0f s: %s not uploaded to %s. The local files are complete; push them "
+            "later with `hf upload %s %s`.",
+            wait_seconds, ", ".join(final) or "checkpoint snapshots", self.repo_id, self.repo_id,
+            final[0] if final else "<output_dir>/model",
+        )  # fmt: skip
 
     def _report(self, error: BaseException) -> None:
         self.failures += 1

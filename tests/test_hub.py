@@ -4,6 +4,8 @@ conversion of official facebookresearch/moco checkpoints."""
 import json
 import os
 import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -91,6 +93,17 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
 
 
 @pytest.mark.slow
+def test_push_to_a_branch_as_a_pull_request(hub, small_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
+                          "--hub_model_id", "tester/pr", "--hub_revision", "dev", "--create_pr")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "POST /api/models/tester/pr/branch/dev" in hub.requests
+    (commit,) = [r for r in hub.requests if r.startswith("POST /api/models/tester/pr/commit")]
+    assert commit.startswith("POST /api/models/tester/pr/commit/dev") and "create_pr=1" in commit
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["server error", "unreachable"])
 def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_path, monkeypatch, failure):
     strategy = "every_save"
@@ -109,8 +122,48 @@ def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_pa
     assert "training goes on" in result.stderr
     assert "Pushed to the Hub" not in result.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert not list(out.glob(".hub-upload-*"))  # no snapshot is left behind by a failed push
     assert MocoModel.from_pretrained(out / "model").config.queue_size == 64
     assert "kNN top-1" in result.stdout
+
+
+@pytest.fixture
+def silent_hub(monkeypatch, tmp_path):
+    """An endpoint that accepts connections and never answers (a hung proxy or server)."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held = []
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed by the fixture
+                return
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    yield
+    server.close()
+    for connection in held:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_a_hub_that_never_answers_costs_a_bounded_wait_at_the_end(silent_hub, small_dataset, tmp_path):
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
+                          "--hub_model_id", "tester/hung", "--hub_strategy", "every_save", "--hub_wait_seconds", "3",
+                          timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "The Hub did not answer within 3 s" in result.stderr
+    assert "not uploaded to tester/hung" in result.stderr and f"hf upload tester/hung {out / 'model'}" in result.stderr
+    assert not list(out.glob(".hub-upload-*"))  # the snapshots made for the hung uploads are deleted
+    assert MocoModel.from_pretrained(out / "model").config.queue_size == 64 and (out / "results.json").is_file()
+    assert time.monotonic() - started < 240
 
 
 def test_model_card_metadata_and_content():

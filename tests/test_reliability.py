@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from moco_hf import MocoConfig, MocoModel
-from moco_hf.checkpointing import TrainerState, non_finite_tensors, save_checkpoint
+from moco_hf.checkpointing import TrainerState, non_finite_tensors, save_checkpoint, write_manifest
 from moco_hf.data import decode_image
 from moco_hf.errors import RunError
 
@@ -310,10 +310,112 @@ def test_resume_refuses_a_checkpoint_whose_pickle_runs_code(small_dataset, tmp_p
     assert run_pretrain(*args, "--max_train_steps", "1").returncode == 0
     (checkpoint,) = complete_checkpoints(out)
     torch.save({"python": RunsCode(tmp_path / "pwned")}, checkpoint / "random_states_0.pkl")
-    result = run_pretrain(*args, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    write_manifest(checkpoint)  # whoever planted it can also write a matching manifest: the pickle check still holds
+    result = run_pretrain(*args, "--max_train_steps", "2", "--resume_from_checkpoint", str(checkpoint))
     assert result.returncode == 2
     assert "would import or run code, so it was refused" in one_line_error(result)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.fixture
+def run_with_two_checkpoints(small_dataset, tmp_path):
+    """A finished 4-step run with checkpoints at steps 2 and 4, and the arguments that made it."""
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_at_start", "false", "--output_dir", str(out),
+            "--checkpointing_steps", "2"]  # fmt: skip
+    result = run_pretrain(*args, "--max_train_steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, args
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "flipped byte in the weights": (lambda c: flip_a_byte(c / "model.safetensors"), "model.safetensors is damaged"),
+    "RNG state deleted": (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+    "RNG state emptied": (lambda c: (c / "random_states_0.pkl").write_bytes(b""), "random_states_0.pkl is damaged"),
+    "trainer state edited": (lambda c: (c / "trainer_state.json").write_text("{}"), "trainer_state.json is damaged"),
+    "truncated optimizer": (lambda c: (c / "optimizer.bin").write_bytes(b"\x80"), "optimizer.bin is damaged"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_is_never_trusted(run_with_two_checkpoints, damage):
+    out, args = run_with_two_checkpoints
+    spoil, message = DAMAGES[damage]
+    spoil(out / "checkpoints" / "step_4")
+    explicit = run_pretrain(
+        *args, "--max_train_steps", "6", "--resume_from_checkpoint", str(out / "checkpoints" / "step_4")
+    )
+    assert explicit.returncode == 2 and message in one_line_error(explicit)
+    latest = run_pretrain(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    assert latest.returncode == 0, latest.stderr[-3000:]
+    assert "Skipping checkpoint" in latest.stderr and message in latest.stderr
+    assert "Resumed from" in latest.stderr and "at step 2" in latest.stderr  # the newest intact one
+
+
+@pytest.mark.slow
+def test_rolling_back_keeps_the_abandoned_checkpoints_aside_and_latest_means_the_new_ones(run_with_two_checkpoints):
+    out, args = run_with_two_checkpoints
+    old_step_4 = (out / "checkpoints" / "step_4" / "model.safetensors").read_bytes()
+    result = run_pretrain(*args, "--max_train_steps", "6", "--checkpoints_total_limit", "2",
+                          "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Rolled back to step_2" in result.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["step_4", "step_6"]  # the new run's, rotated by the limit
+    (abandoned,) = (out / "checkpoints" / "abandoned").iterdir()
+    assert abandoned.name.startswith("step_4-") and (abandoned / "model.safetensors").read_bytes() == old_step_4
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_not_stale(small_dataset, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_at_start", "false", "--output_dir", str(out)]
+    first = start_pretrain(*args, "--max_train_steps", "500")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    second = run_pretrain(*args, "--max_train_steps", "2", timeout=120)
+    assert second.returncode == 2 and f"another run (pid {first.pid}) is writing to" in one_line_error(second)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    third = run_pretrain(*args, "--max_train_steps", "2")
+    assert third.returncode == 0, third.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (["--learning_rate", "0.5"], "learning_rate is 0.5 but checkpoint step_4 was trained with 0.001875"),
+        (
+            ["--per_device_train_batch_size", "8"],
+            "per_device_train_batch_size is 8 but checkpoint step_4 was trained with 16",
+        ),
+        (["--queue_size", "128"], "queue_size is 128 but checkpoint step_4 was trained with 64"),
+        (["--backbone", "resnet34"], "backbone is 'resnet34' but checkpoint step_4 was trained with 'resnet18'"),
+    ],
+)
+def test_changed_settings_on_resume_are_refused_with_the_field_named(run_with_two_checkpoints, changed, message):
+    _, args = run_with_two_checkpoints
+    result = run_pretrain(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", *changed)
+    assert result.returncode == 2 and message in one_line_error(result)
+
+
+@pytest.mark.slow
+def test_a_different_worker_count_resumes_with_a_warning(run_with_two_checkpoints):
+    out, args = run_with_two_checkpoints
+    result = run_pretrain(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
+                          "--dataloader_num_workers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--dataloader_num_workers is 1 but the checkpoint was written with 2" in result.stderr
+    state = json.loads((out / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["settings"]["dataloader_num_workers"] == 1  # what this run used
 
 
 def test_checkpoint_that_does_not_match_its_config_names_the_field(tmp_path):

@@ -38,12 +38,14 @@ from transformers import HfArgumentParser
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.augmentation import build_two_crops
 from moco_hf.checkpointing import (
+    OutputDirLock,
     TrainerState,
     check_output_dir,
     load_checkpoint,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    set_aside_newer_checkpoints,
 )
 from moco_hf.configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, SHUFFLE_BN_MODES
 from moco_hf.data import (
@@ -173,6 +175,9 @@ class TrainArguments:
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo as private."})
     hub_revision: str | None = field(default=None, metadata={"help": "Push to this branch (default: main)."})
     create_pr: bool = field(default=False, metadata={"help": "Push as a pull request instead of a commit."})
+    hub_wait_seconds: float = field(
+        default=600, metadata={"help": "At the end, wait at most this long for uploads (they never hold training)."}
+    )
     hub_strategy: Literal["end", "every_save"] = field(
         default="end", metadata={"help": "end: push the final model; every_save: also at each checkpoint."}
     )
@@ -344,17 +349,37 @@ def warmup_steps(train_args: TrainArguments, total_steps: int) -> int:
     return train_args.num_warmup_steps
 
 
-def resume(train_args: TrainArguments, output_dir: Path, accelerator: Accelerator) -> TrainerState:
-    """The state to start from: a checkpoint's when resuming (and one exists), else a fresh one."""
+def resume(train_args: TrainArguments, output_dir: Path, accelerator: Accelerator, settings: dict) -> TrainerState:
+    """The state to start from: a checkpoint's when resuming (and an intact one exists), else a fresh one."""
     if not train_args.resume_from_checkpoint:
-        return TrainerState()
+        return TrainerState(settings=settings)
     checkpoint = resolve_checkpoint(train_args.resume_from_checkpoint, output_dir)
     if checkpoint is None:
         logger.info("No checkpoint in %s yet: starting from scratch.", output_dir / "checkpoints")
-        return TrainerState()
-    state = load_checkpoint(accelerator, checkpoint)
+        return TrainerState(settings=settings)
+    state = load_checkpoint(accelerator, checkpoint, settings)
+    if accelerator.is_main_process and checkpoint.parent.resolve() == (output_dir / "checkpoints").resolve():
+        for moved in set_aside_newer_checkpoints(checkpoint, output_dir):
+            logger.warning("Rolled back to %s: the newer checkpoint is kept as %s.", checkpoint.name, moved)
     logger.info("Resumed from %s at step %d.", checkpoint, state.completed_steps)
     return state
+
+
+def run_settings(config: MocoConfig, plan: DataPlan, data_args: DataArguments, train_args: TrainArguments,
+                 learning_rate: float, num_processes: int) -> dict[str, Any]:  # fmt: skip
+    """What a checkpoint records of the run, for `check_resume_settings`."""
+    return {
+        "per_device_train_batch_size": plan.micro_batch,
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
+        "seed": train_args.seed,
+        "learning_rate": learning_rate,
+        "dataloader_num_workers": data_args.dataloader_num_workers,
+        "total_steps": plan.total_steps,
+        **{name: getattr(config, name) for name in ("optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim",
+                                                    "queue_size", "mlp", "mlp_hidden_dim", "projector_layers",
+                                                    "head_batch_norm", "predictor")},
+    }  # fmt: skip
 
 
 def build_knn_monitor(
@@ -396,6 +421,7 @@ class Run:
     output_dir: Path
     repo_id: str
     publisher: HubPublisher | None
+    lock: OutputDirLock | None  # the main process's hold on output_dir
     session_start: float = field(default_factory=time.perf_counter)
     seconds_before: float = 0.0  # training time of the runs this one resumes
 
@@ -658,7 +684,7 @@ def finish(run: Run, state: TrainerState) -> None:
     results = write_results(run, state, accuracy)
     if state.skipped_images:
         logger.warning("%d images could not be decoded and were skipped.", state.skipped_images)
-    if run.publisher is not None and run.publisher.finish():
+    if run.publisher is not None and run.publisher.finish(run.args.hub_wait_seconds):
         print(f"Pushed to the Hub: {run.publisher.repo_id}")
     model = f"after {state.completed_steps} steps. Model: {run.output_dir / 'model'}"
     if run.knn is None:
@@ -693,11 +719,14 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     optimizer = build_optimizer(model, config, learning_rate)
     scheduler = learning_rate_scheduler(optimizer, config.lr_schedule, plan.total_steps,
                                         warmup_steps(train_args, plan.total_steps))  # fmt: skip
+    lock = None
     if accelerator.is_main_process:
         check_output_dir(output_dir, model)
+        lock = OutputDirLock(output_dir)  # held until the process ends
         remove_incomplete_checkpoints(output_dir)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = resume(train_args, output_dir, accelerator)
+    settings = run_settings(config, plan, data_args, train_args, learning_rate, accelerator.num_processes)
+    state = resume(train_args, output_dir, accelerator, settings)
     knn = build_knn_monitor(data_args, train_args, plan.dataset_name, accelerator) if train_args.knn_monitor else None
     repo_id = train_args.hub_model_id or output_dir.resolve().name  # also the model card's title
     publisher = None
@@ -705,7 +734,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         publisher = HubPublisher(repo_id, train_args.hub_token, train_args.hub_private_repo, train_args.hub_revision,
                                  train_args.create_pr)  # fmt: skip
     run = Run(train_args, data_args, config, accelerator, model, optimizer, scheduler, plan, knn,
-              learning_rate, output_dir, repo_id, publisher, seconds_before=state.training_seconds)  # fmt: skip
+              learning_rate, output_dir, repo_id, publisher, lock, seconds_before=state.training_seconds)  # fmt: skip
     write_run_config(run, model_args)
     return run, state
 
