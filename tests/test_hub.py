@@ -93,14 +93,20 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
 
 
 @pytest.mark.slow
-def test_push_to_a_branch_as_a_pull_request(hub, small_dataset, tmp_path):
+def test_push_to_a_branch(hub, small_dataset, tmp_path):
+    # (--create_pr goes through the Hub's discussions API, which the local server does not speak: not tested here.)
     out = tmp_path / "run"
     result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
-                          "--hub_model_id", "tester/pr", "--hub_revision", "dev", "--create_pr")  # fmt: skip
+                          "--hub_model_id", "tester/pr", "--hub_revision", "dev")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "POST /api/models/tester/pr/branch/dev" in hub.requests
     (commit,) = [r for r in hub.requests if r.startswith("POST /api/models/tester/pr/commit")]
-    assert commit.startswith("POST /api/models/tester/pr/commit/dev") and "create_pr=1" in commit
+    assert commit == "POST /api/models/tester/pr/commit/dev"
+
+
+def test_a_pull_request_is_opened_against_the_default_branch_only(tmp_path):
+    result = run_pretrain("--push_to_hub", "--create_pr", "--hub_revision", "dev", "--output_dir", str(tmp_path))
+    assert result.returncode == 2 and "--create_pr opens a pull request against the default branch" in result.stderr
 
 
 @pytest.mark.slow

@@ -728,6 +728,8 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     settings = run_settings(config, plan, data_args, train_args, learning_rate, accelerator.num_processes)
     state = resume(train_args, output_dir, accelerator, settings)
     knn = build_knn_monitor(data_args, train_args, plan.dataset_name, accelerator) if train_args.knn_monitor else None
+    if train_args.create_pr and train_args.hub_revision:
+        raise UsageError("--create_pr opens a pull request against the default branch; drop --hub_revision.")
     repo_id = train_args.hub_model_id or output_dir.resolve().name  # also the model card's title
     publisher = None
     if train_args.push_to_hub and accelerator.is_main_process:
