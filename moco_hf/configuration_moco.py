@@ -12,6 +12,7 @@ AUGMENTATIONS = ("v1", "v2", "v3")
 LR_SCHEDULES = ("step", "cosine")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
+MAX_QUEUE_SIZE = 2**20  # 16x the papers' K: a bound on what a loaded config.json can make us allocate
 
 # The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -218,10 +219,10 @@ class MocoConfig(PretrainedConfig):
         _check(isinstance(self.cifar_stem, bool), "cifar_stem", self.cifar_stem, "True or False")
         _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
         _check(
-            _is_int(self.queue_size) and self.queue_size >= 0,
+            _is_int(self.queue_size) and 0 <= self.queue_size <= MAX_QUEUE_SIZE,
             "queue_size",
             self.queue_size,
-            "an integer >= 0 (K, the number of negative keys)",
+            f"an integer in [0, {MAX_QUEUE_SIZE}] (K, the number of negative keys; the papers use up to 65536)",
         )
         _check(
             _is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum, "a number in [0, 1]"

@@ -272,14 +272,22 @@ class MocoModel(MocoPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MocoModel:
         check_is_moco_model(pretrained_model_name_or_path)  # one line for a training checkpoint or a timm export
+        wants_info = kwargs.pop("output_loading_info", False)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)  # fmt: skip
         except RuntimeError as error:
             if "mismatched" not in str(error):
                 raise
             raise ValueError(describe_shape_mismatch(pretrained_model_name_or_path, kwargs)) from error
+        if "queue" in info["missing_keys"] and model.config.queue_size > 0:
+            # Never a silently random dictionary (of whatever size the config asks for).
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} have no `queue` tensor, although config.json has "
+                f"queue_size={model.config.queue_size}; they are not a MocoModel's."
+            )
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
-        return model
+        return (model, info) if wants_info else model
 
     @property
     def num_features(self) -> int:

@@ -486,3 +486,19 @@ def test_disk_full_mid_run_keeps_the_earlier_checkpoints(small_dataset, small_fi
     assert [p.name for p in complete_checkpoints(out)] == ["step_1"]
     assert_loadable(complete_checkpoints(out)[0])
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path):
+    from safetensors.torch import save_file
+
+    model = MocoModel(MocoConfig(backbone="resnet18", queue_size=64, dim=16))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["queue"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"have no `queue` tensor, although config\.json has queue_size=64"):
+        MocoModel.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "queue_size": 10_000_000}))
+    with pytest.raises(ValueError, match=r"MocoConfig.queue_size must be an integer in \[0, 1048576\]"):
+        MocoModel.from_pretrained(tmp_path)
