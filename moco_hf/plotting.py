@@ -41,11 +41,7 @@ def plot_training_curves(metrics_path: Path, knn_history: list[dict], output: Pa
     ax.set_title("Weighted kNN top-1 (%)")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)
 
 
 def plot_knn_curve(curve: list[dict], output: Path, title: str) -> Path:
@@ -57,6 +53,11 @@ def plot_knn_curve(curve: list[dict], output: Path, title: str) -> Path:
                     textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
     ax.set(title=f"kNN top-1 ({title})", xlabel="epoch", ylabel="top-1 (%)")
     ax.grid(alpha=0.3)
+    return save_figure(fig, output)
+
+
+def save_figure(fig: plt.Figure, output: Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close `fig`; returns the PNG's path."""
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)

@@ -502,3 +502,20 @@ def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**config, "queue_size": 10_000_000}))
     with pytest.raises(ValueError, match=r"MocoConfig.queue_size must be an integer in \[0, 1048576\]"):
         MocoModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_empty_dataset_stops_with_one_line(tmp_path, streaming):
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=10)})
+    (tmp_path / "empty" / "data").mkdir(parents=True)
+    Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(
+        tmp_path / "empty" / "data" / "train-00000-of-00001.parquet"
+    )
+    args = [*FAST_TRAINING, "--dataset_name", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "run"),
+            "--max_train_steps", "2", "--knn_monitor", "false", *(["--streaming"] if streaming else [])]  # fmt: skip
+    result = run_pretrain(*args, timeout=300)
+    assert result.returncode == 2
+    expected = "received no rows: the dataset is empty" if streaming else "\"train\" corresponds to no data"
+    assert expected in one_line_error(result)
