@@ -13,6 +13,9 @@ LR_SCHEDULES = ("step", "cosine")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 MAX_QUEUE_SIZE = 2**20  # 16x the papers' K: a bound on what a loaded config.json can make us allocate
+# Bounds on the integers a config.json may pass to timm, so that a loaded file cannot make us build for minutes:
+# widths, sizes and counts up to 2^16, depths (keys naming depth or layers) up to 1000 blocks per stage.
+MAX_BACKBONE_INT, MAX_BACKBONE_DEPTH = 2**16, 1000
 
 # The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -216,13 +219,14 @@ class MocoConfig(PretrainedConfig):
         """Raise `ValueError` naming the first field that is out of range."""
         _check(isinstance(self.backbone, str) and self.backbone, "backbone", self.backbone, "a timm model name")
         _check_backbone_exists(self.backbone)
+        _check_backbone_kwargs(self.backbone_kwargs)
         _check(isinstance(self.cifar_stem, bool), "cifar_stem", self.cifar_stem, "True or False")
         _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
         _check(
             _is_int(self.queue_size) and 0 <= self.queue_size <= MAX_QUEUE_SIZE,
             "queue_size",
             self.queue_size,
-            f"an integer in [0, {MAX_QUEUE_SIZE}] (K, the number of negative keys; the papers use up to 65536)",
+            f"an integer >= 0 and <= {MAX_QUEUE_SIZE} (K, the number of negative keys; the papers use up to 65536)",
         )
         _check(
             _is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum, "a number in [0, 1]"
@@ -274,6 +278,16 @@ def _is_number(value: Any) -> bool:
 def _check(ok: Any, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"MocoConfig.{field} must be {expected}, got {value!r}.")
+
+
+def _check_backbone_kwargs(kwargs: Any) -> None:
+    _check(isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs), "backbone_kwargs", kwargs,
+           "a dict of timm.create_model keyword arguments")  # fmt: skip
+    for key, value in kwargs.items():
+        bound = MAX_BACKBONE_DEPTH if "depth" in key or "layers" in key else MAX_BACKBONE_INT
+        values = value if isinstance(value, (list, tuple)) else [value]
+        too_big = [v for v in values if _is_number(v) and v > bound]
+        _check(not too_big, f"backbone_kwargs[{key!r}]", value, f"at most {bound} (a bound on what a config builds)")
 
 
 def _check_backbone_exists(name: str) -> None:

@@ -500,7 +500,7 @@ def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path
         MocoModel.from_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "queue_size": 10_000_000}))
-    with pytest.raises(ValueError, match=r"MocoConfig.queue_size must be an integer in \[0, 1048576\]"):
+    with pytest.raises(ValueError, match=r"MocoConfig.queue_size must be an integer >= 0 and <= 1048576"):
         MocoModel.from_pretrained(tmp_path)
 
 
@@ -517,5 +517,23 @@ def test_an_empty_dataset_stops_with_one_line(tmp_path, streaming):
             "--max_train_steps", "2", "--knn_monitor", "false", *(["--streaming"] if streaming else [])]  # fmt: skip
     result = run_pretrain(*args, timeout=300)
     assert result.returncode == 2
-    expected = "received no rows: the dataset is empty" if streaming else "\"train\" corresponds to no data"
+    expected = "received no rows: the dataset is empty" if streaming else '"train" corresponds to no data'
     assert expected in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depth": 100_000}, r"MocoConfig.backbone_kwargs\['depth'\] must be at most 1000"),
+        ({"embed_dim": 10**9}, r"MocoConfig.backbone_kwargs\['embed_dim'\] must be at most 65536"),
+        ({"depths": [2, 2, 100_000, 2]}, r"MocoConfig.backbone_kwargs\['depths'\] must be at most 1000"),
+    ],
+)
+def test_a_loaded_config_cannot_make_timm_build_for_minutes(tmp_path, kwargs, message):
+    MocoModel(MocoConfig(backbone="resnet18", queue_size=8, dim=16)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "backbone_kwargs": kwargs}))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        MocoModel.from_pretrained(tmp_path)
+    assert time.monotonic() - started < 30
