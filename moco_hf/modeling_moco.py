@@ -281,10 +281,9 @@ class MocoModel(MocoPreTrainedModel):
                 raise
             raise ValueError(describe_shape_mismatch(pretrained_model_name_or_path, kwargs)) from error
         if "queue" in info["missing_keys"] and model.config.queue_size > 0:
-            # Never a silently random dictionary (of whatever size the config asks for).
-            raise ValueError(
-                f"the weights in {pretrained_model_name_or_path} have no `queue` tensor, although config.json has "
-                f"queue_size={model.config.queue_size}; they are not a MocoModel's."
+            logger.warning(  # said out loud: a fresh dictionary changes what the next steps compare against
+                f"The weights in {pretrained_model_name_or_path} have no `queue`: a fresh random queue of "
+                f"{model.config.queue_size} keys was made (config.json's queue_size)."
             )
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
         return (model, info) if wants_info else model

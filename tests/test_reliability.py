@@ -488,7 +488,7 @@ def test_disk_full_mid_run_keeps_the_earlier_checkpoints(small_dataset, small_fi
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path):
+def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path, caplog):
     from safetensors.torch import save_file
 
     model = MocoModel(MocoConfig(backbone="resnet18", queue_size=64, dim=16))
@@ -496,29 +496,14 @@ def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path
     weights = load_file(tmp_path / "model.safetensors")
     del weights["queue"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"have no `queue` tensor, although config\.json has queue_size=64"):
-        MocoModel.from_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        loaded = MocoModel.from_pretrained(tmp_path)
+    assert "have no `queue`: a fresh random queue of 64 keys was made" in caplog.text
+    assert loaded.queue.shape == (64, 16)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "queue_size": 10_000_000}))
     with pytest.raises(ValueError, match=r"MocoConfig.queue_size must be an integer >= 0 and <= 1048576"):
         MocoModel.from_pretrained(tmp_path)
-
-
-@pytest.mark.parametrize("streaming", [False, True])
-def test_an_empty_dataset_stops_with_one_line(tmp_path, streaming):
-    from datasets import ClassLabel, Dataset, Features, Image
-
-    features = Features({"image": Image(), "label": ClassLabel(num_classes=10)})
-    (tmp_path / "empty" / "data").mkdir(parents=True)
-    Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(
-        tmp_path / "empty" / "data" / "train-00000-of-00001.parquet"
-    )
-    args = [*FAST_TRAINING, "--dataset_name", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "run"),
-            "--max_train_steps", "2", "--knn_monitor", "false", *(["--streaming"] if streaming else [])]  # fmt: skip
-    result = run_pretrain(*args, timeout=300)
-    assert result.returncode == 2
-    expected = "received no rows: the dataset is empty" if streaming else '"train" corresponds to no data'
-    assert expected in one_line_error(result)
 
 
 @pytest.mark.parametrize(
