@@ -9,6 +9,7 @@ queue is transposed to our `(K, dim)` layout.
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -69,18 +70,36 @@ def official_to_moco(checkpoint: dict, backbone: str = "resnet50", **config_over
 
 
 # MoCo v3 (facebookresearch/moco-v3, `moco/builder.py`): `base_encoder` / `momentum_encoder` are torchvision ResNets
-# whose `fc` is the BatchNorm projection MLP, `predictor` the prediction MLP. Same layer order as our `build_mlp`.
+# whose `fc` is the BatchNorm projection MLP, or timm VisionTransformers (`vits.py`) whose `head` is; `predictor` is
+# the prediction MLP. Same layer order as our `build_mlp`.
 V3_ENCODERS = {"base_encoder": "encoder_q", "momentum_encoder": "encoder_k"}
+# moco-v3's ViTs by width: timm's architecture, with 12 heads (its ViT-Small has 12 where timm's has 6).
+OFFICIAL_VITS = {384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
+
+
+def _official_vit(state: dict) -> tuple[str, dict]:
+    """timm name and kwargs of a moco-v3 ViT checkpoint, read from its tensor shapes (patch, image size, heads)."""
+    width = state["base_encoder.cls_token"].shape[-1]
+    if width not in OFFICIAL_VITS:
+        raise CheckpointError(f"a moco-v3 ViT of width {width}: only {sorted(OFFICIAL_VITS)} (vit_small, vit_base).")
+    patch = state["base_encoder.patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["base_encoder.pos_embed"].shape[1] - 1)  # tokens: the grid and the class token
+    return OFFICIAL_VITS[width], {"num_heads": 12, "patch_size": patch, "img_size": grid * patch}
 
 
 def _official_v3_to_moco(state: dict, backbone: str, **config_overrides) -> MocoModel:
-    projector = [key for key in state if key.startswith("base_encoder.fc.") and state[key].ndim == 2]
+    vit = "base_encoder.cls_token" in state
+    head = "head" if vit else "fc"
+    if vit:
+        backbone, kwargs = _official_vit(state)
+        config_overrides = {"backbone_kwargs": kwargs, **config_overrides}
+    projector = [key for key in state if key.startswith(f"base_encoder.{head}.") and state[key].ndim == 2]
     predictor_out = state[max(k for k in state if k.startswith("predictor.") and state[k].ndim == 2)]
     config = MocoConfig.from_preset(
-        "v3",
+        "v3-vit" if vit else "v3",
         backbone=backbone,
         dim=predictor_out.shape[0],
-        mlp_hidden_dim=state["base_encoder.fc.0.weight"].shape[0],
+        mlp_hidden_dim=state[f"base_encoder.{head}.0.weight"].shape[0],
         projector_layers=len(projector),
         **config_overrides,
     )
@@ -91,9 +110,9 @@ def _official_v3_to_moco(state: dict, backbone: str, **config_overrides) -> Moco
         if part == "predictor":
             converted[key] = value
         elif part in V3_ENCODERS:
-            head, _, rest = name.partition(".")
+            layer, _, rest = name.partition(".")
             converted[
-                f"{V3_ENCODERS[part]}.head.{rest}" if head == "fc" else f"{V3_ENCODERS[part]}.backbone.{name}"
+                f"{V3_ENCODERS[part]}.head.{rest}" if layer == head else f"{V3_ENCODERS[part]}.backbone.{name}"
             ] = value
     return _load(config, converted, backbone)
 
@@ -112,13 +131,14 @@ def moco_to_official(model: MocoModel) -> dict:
     """The official code's checkpoint layout (`{"arch", "state_dict"}`), e.g. for its `main_lincls.py`: moco-v3's
     for a model with a predictor, facebookresearch/moco's otherwise."""
     v3 = model.predictor is not None
+    head = "head" if hasattr(model.encoder_q.backbone, "cls_token") else "fc"  # the official ViT's, or ResNet's
     names = {v: k for k, v in V3_ENCODERS.items()} if v3 else {encoder: encoder for encoder in ENCODERS}
     state = {} if v3 else {"module.queue": model.queue.T.contiguous(), "module.queue_ptr": model.queue_ptr.clone()}
     for key, value in model.state_dict().items():
         part, _, name = key.partition(".")
         if part in names:
             layer, _, rest = name.partition(".")
-            state[f"module.{names[part]}.{f'fc.{rest}' if layer == 'head' else rest}"] = value
+            state[f"module.{names[part]}.{f'{head}.{rest}' if layer == 'head' else rest}"] = value
         elif part == "predictor":
             state[f"module.{key}"] = value
     return {"arch": model.config.backbone, "state_dict": state}

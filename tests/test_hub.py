@@ -318,3 +318,41 @@ def test_convert_official_moco_v3_resnet_checkpoint(tmp_path, cifar_tensor):
     assert set(back) == set(state)
     for key, value in state.items():
         torch.testing.assert_close(back[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_convert_official_moco_v3_vit_checkpoint(tmp_path, cifar_tensor):
+    """A checkpoint as moco-v3's `MoCo_ViT` saves it: its `vits.py` ViT-Small (timm's VisionTransformer with 12
+    heads) with a 3-layer BatchNorm projector as `head`, and a predictor (small MLPs and images here, for speed)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    layer_norm = partial(torch.nn.LayerNorm, eps=1e-6)
+    base = VisionTransformer(img_size=32, patch_size=8, embed_dim=384, depth=12, num_heads=12, mlp_ratio=4,
+                             qkv_bias=True, num_classes=0, norm_layer=layer_norm)  # fmt: skip
+    base.head = official_v3_mlp(3, 384, 128, 32, last_bn=True)  # the paper: 4096 hidden, 256 out
+    predictor = official_v3_mlp(2, 32, 128, 32, last_bn=False)
+    state = {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}
+    state |= {f"module.momentum_encoder.{k}": v + 0.01 if v.is_floating_point() else v
+              for k, v in base.state_dict().items()}  # fmt: skip
+    state |= {f"module.predictor.{k}": v for k, v in predictor.state_dict().items()}
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": state}, tmp_path / "v3-vit.pth.tar")
+    assert moco_hf_cli(["convert", str(tmp_path / "v3-vit.pth.tar"), str(tmp_path / "converted")]) == 0
+    model = MocoModel.from_pretrained(tmp_path / "converted").eval()
+    config = model.config
+    assert (config.backbone, config.backbone_kwargs) == ("vit_small_patch16_224", {"num_heads": 12, "patch_size": 8,
+                                                                                    "img_size": 32})  # fmt: skip
+    assert (config.projector_layers, config.mlp_hidden_dim, config.dim, config.freeze_patch_embed) == (3, 128, 32, True)
+    base.eval()
+    predictor.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.predictor(model.encoder_q(cifar_tensor[:4])),
+                                   predictor(base(cifar_tensor[:4])), atol=1e-5, rtol=0)  # fmt: skip
+    assert (
+        moco_hf_cli(["convert", str(tmp_path / "converted"), str(tmp_path / "back.pth.tar"), "--to", "official"]) == 0
+    )
+    back = torch.load(tmp_path / "back.pth.tar", weights_only=True)["state_dict"]
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, atol=0, rtol=0, msg=key)
