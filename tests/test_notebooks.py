@@ -6,6 +6,7 @@ from conftest import REPO_ROOT
 from nbclient import NotebookClient
 
 from moco_hf import MocoConfig, MocoModel
+from moco_hf.image_processing import image_processor_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +23,20 @@ def run_notebook(name: str, parameters: dict) -> str:
     )
 
 
-def test_feature_extraction_notebook(tmp_path):
+@pytest.mark.parametrize("cifar_stem", [True, False], ids=["cifar stem (the main job)", "timm stem"])
+def test_feature_extraction_notebook(tmp_path, cifar_stem):
     cifar = {"image_size": 32, "image_mean": [0.4913, 0.4821, 0.4465], "image_std": [0.2452, 0.2428, 0.2606]}
-    MocoModel(MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, **cifar)).save_pretrained(
-        tmp_path / "model"
-    )
+    config = MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, cifar_stem=cifar_stem, **cifar)
+    MocoModel(config).save_pretrained(tmp_path / "model")
+    image_processor_for(config).save_pretrained(tmp_path / "model")  # as the trainer saves a model
     printed = run_notebook("feature_extraction.ipynb", {
         "MODEL_DIR": str(tmp_path / "model"), "NUM_BANK_IMAGES": 300, "NUM_QUERY_IMAGES": 100,
         "EXPORT_DIR": str(tmp_path / "encoder"),
     })  # fmt: skip
-    assert "MocoModel | ResNet | ImageFeatureExtractionPipeline" in printed
+    timm_type = "NoneType" if cifar_stem else "ResNet"
+    assert f"MocoModel | ImageFeatureExtractionPipeline | {timm_type}" in printed
     assert "kNN top-1 on 100 test images" in printed
-    assert (tmp_path / "encoder" / "model.safetensors").is_file()
+    assert (tmp_path / "encoder" / "model.safetensors").is_file() != cifar_stem
 
 
 def test_pretrain_quickstart_notebook(tmp_path):

@@ -115,3 +115,23 @@ def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, 
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "speed_flags",
+    [["--channels_last", "--mixed_precision", "bf16"], ["--torch_compile"]],
+    ids=["channels_last+bf16", "torch_compile"],
+)
+def test_speed_options_train_and_save_a_loadable_model(small_dataset, tmp_path, speed_flags):
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--max_train_steps",
+                          "3", "--knn_at_start", "false", *speed_flags, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == (
+        "bf16" if "bf16" in speed_flags else "no"
+    )
+    model = AutoModel.from_pretrained(out / "model")  # compiled backbones save under their plain names
+    assert model.queue.dtype == torch.float32 and int(model.queue_ptr) == (3 * 16) % 64
