@@ -151,9 +151,10 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) 
 
 # Settings a resumed run must share with its checkpoint: the data position is counted in batches of the old size,
 # the optimizer and scheduler state hold the old learning rate, and the weights have the old shapes.
-MUST_MATCH = ("per_device_train_batch_size", "num_processes", "gradient_accumulation_steps", "seed",
-              "learning_rate", "optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim", "queue_size", "mlp",
-              "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor")  # fmt: skip
+MATCHING_CONFIG_FIELDS = ("optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim", "queue_size", "mlp",
+                          "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor")  # fmt: skip
+MUST_MATCH = ("per_device_train_batch_size", "num_processes", "gradient_accumulation_steps", "seed", "learning_rate",
+              *MATCHING_CONFIG_FIELDS)  # fmt: skip
 
 
 def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:

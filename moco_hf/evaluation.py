@@ -26,6 +26,7 @@ from .augmentation import evaluation_transform
 from .configuration_moco import MocoConfig
 from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
 from .errors import DataError, UsageError
+from .export import timm_reference
 from .knn import extract_features
 from .modeling_moco import MocoModel
 
@@ -74,8 +75,7 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
             f"{settings.backbone} ({'random init' if random_init else name_or_path})",
         )  # fmt: skip
     if "architecture" in config:
-        prefix = "local-dir:" if folder.is_dir() else "hf-hub:"
-        model = timm.create_model(prefix + name_or_path, pretrained=not random_init, num_classes=0).eval()
+        model = timm.create_model(timm_reference(name_or_path), pretrained=not random_init, num_classes=0).eval()
         data = timm.data.resolve_data_config({}, model=model)
         return Encoder(
             model, data["input_size"][-1], list(data["mean"]), list(data["std"]),

@@ -11,6 +11,12 @@ from timm.models import save_for_hf
 from .modeling_moco import MocoModel
 
 
+def timm_reference(name_or_path: str | Path) -> str:
+    """How `timm.create_model` names an encoder saved in timm's format: `local-dir:` for a folder, `hf-hub:` for a
+    Hub repo."""
+    return f"{'local-dir' if Path(name_or_path).is_dir() else 'hf-hub'}:{name_or_path}"
+
+
 def export_encoder(model: MocoModel, save_directory: str | Path, repo_id: str | None = None, **upload_kwargs) -> Path:
     """Save the query backbone alone in timm's Hub format, loadable without `moco_hf`.
 

@@ -10,7 +10,9 @@ import timm
 from transformers import AutoModel
 from transformers.utils import cached_file
 
+from .configuration_moco import MocoConfig
 from .errors import UsageError, first_line
+from .export import timm_reference
 from .modeling_moco import MocoModel
 
 
@@ -35,13 +37,12 @@ def load_pretrained_weights(model: MocoModel, name_or_path: str, trust_remote_co
     """
     config = _saved_config(name_or_path)
     try:
-        if config is not None and config.get("model_type") == "moco":
+        if config is not None and config.get("model_type") == MocoConfig.model_type:
             source = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
             model.load_state_dict(source.state_dict())
             return f"the MocoModel {name_or_path}"
-        timm_name = f"local-dir:{name_or_path}" if Path(name_or_path).is_dir() else name_or_path
-        if config is not None and not Path(name_or_path).is_dir():
-            timm_name = f"hf-hub:{name_or_path}"
+        saved = config is not None or Path(name_or_path).is_dir()  # else a timm name, e.g. "resnet50.a1_in1k"
+        timm_name = timm_reference(name_or_path) if saved else name_or_path
         backbone = timm.create_model(timm_name, pretrained=True, num_classes=0)
         model.encoder_q.backbone.load_state_dict(backbone.state_dict())
     except (RuntimeError, OSError, ValueError) as error:

@@ -38,6 +38,7 @@ from transformers import HfArgumentParser
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.augmentation import build_two_crops
 from moco_hf.checkpointing import (
+    MATCHING_CONFIG_FIELDS,
     OutputDirLock,
     TrainerState,
     check_output_dir,
@@ -376,10 +377,8 @@ def run_settings(config: MocoConfig, plan: DataPlan, data_args: DataArguments, t
         "learning_rate": learning_rate,
         "dataloader_num_workers": data_args.dataloader_num_workers,
         "total_steps": plan.total_steps,
-        **{name: getattr(config, name) for name in ("optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim",
-                                                    "queue_size", "mlp", "mlp_hidden_dim", "projector_layers",
-                                                    "head_batch_norm", "predictor")},
-    }  # fmt: skip
+        **{name: getattr(config, name) for name in MATCHING_CONFIG_FIELDS},
+    }
 
 
 def build_knn_monitor(
