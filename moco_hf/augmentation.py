@@ -106,6 +106,19 @@ class TwoCropsTransform:
     def __call__(self, image: object) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(image), self.key_transform(image)
 
+    def loader_item(self, image: object, seed: int) -> dict[str, torch.Tensor]:
+        """In a loader worker: both finished views, drawn from `seed` (the per-image path; `BatchedTwoCrops` is the
+        batched one)."""
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
+            torch.manual_seed(seed)
+            query, key = self(image)
+        return {"query": query, "key": key}
+
+    @staticmethod
+    def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch of `loader_item`s, moved to `device`."""
+        return batch["query"].to(device, non_blocking=True), batch["key"].to(device, non_blocking=True)
+
     def __repr__(self) -> str:
         return f"TwoCropsTransform({self.transform}, {self.key_transform})"
 

@@ -14,10 +14,10 @@ import io
 import os
 import signal
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -201,8 +201,40 @@ class StreamPosition:
     skip_batches: int
 
 
+class TwoCropPipeline(Protocol):
+    """What `TwoCropBatches` needs of an augmentation: `loader_item` runs in the loader workers on each decoded image
+    (`TwoCropsTransform`: both finished views; `BatchedTwoCrops`: pixels and random parameters) and `on_device`
+    makes the query and key views of a collated batch on the training device."""
+
+    def loader_item(self, image: PILImage.Image, seed: int) -> dict[str, torch.Tensor]: ...
+
+    def on_device(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack tensors of one shape, or `(C, H, W)` images of several sizes: smaller ones are first padded to the
+    largest height and width by repeating their last row and column (what a crop at the edge would see if the image
+    went on)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    height, width = max(t.shape[-2] for t in tensors), max(t.shape[-1] for t in tensors)
+    batch = tensors[0].new_empty((len(tensors), tensors[0].shape[0], height, width))
+    for out, tensor in zip(batch, tensors, strict=True):
+        h, w = tensor.shape[-2:]
+        out[:, :h, :w] = tensor
+        out[:, :h, w:] = tensor[:, :, w - 1 :]
+        out[:, h:, :] = out[:, h - 1 : h, :]
+    return batch
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: stack_padded([item[name] for item in items]) for name in items[0]}
+
+
 class TwoCropBatches(torch.utils.data.IterableDataset):
-    """An endless stream of full batches `{"query", "key": (B, 3, H, W), "skipped": int}` from a `datasets` stream.
+    """An endless stream of full batches from a `datasets` stream: the collated `loader_item`s of the augmentation
+    (the finished views `"query", "key": (B, 3, H, W)`, or pixels and parameters for `BatchedTwoCrops`), and
+    `"skipped"`.
 
     Epochs follow one another (with `set_epoch`, so shard order and shuffle buffer change); a batch may span two
     epochs. `skipped` counts the images that failed to decode since the worker's previous batch. Use it in a
@@ -213,7 +245,7 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
         self,
         dataset: IterableDataset,
         image_column: str,
-        two_crops: Callable[[PILImage.Image], tuple[torch.Tensor, torch.Tensor]],
+        two_crops: TwoCropPipeline,
         batch_size: int,
         seed: int,
         rank: int = 0,
@@ -245,7 +277,7 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
         consumer raises it: an exception raised in a DataLoader worker would reach the user as a traceback)."""
         position = self._position()
         to_skip = position.skip_batches * self.batch_size  # decodable images to pass over before augmenting
-        queries, keys, skipped, epoch, failures = [], [], 0, 0, UndecodableRun(self.image_column)
+        items, skipped, epoch, failures = [], 0, 0, UndecodableRun(self.image_column)
         while True:
             self.dataset.set_epoch(epoch)
             rows_seen = 0
@@ -261,14 +293,11 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
                 if image is None:
                     skipped += 1
                     continue
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, epoch, position.rank, position.worker, index))
-                    query, key = self.two_crops(image)
-                queries.append(query)
-                keys.append(key)
-                if len(queries) == self.batch_size:
-                    yield {"query": torch.stack(queries), "key": torch.stack(keys), "skipped": skipped}
-                    queries, keys, skipped = [], [], 0
+                seed = sample_seed(self.seed, epoch, position.rank, position.worker, index)
+                items.append(self.two_crops.loader_item(image, seed))
+                if len(items) == self.batch_size:
+                    yield {**collate(items), "skipped": skipped}
+                    items, skipped = [], 0
             if rows_seen == 0:
                 yield {
                     "error": f"worker {position.worker} of process {position.rank} received no rows: the dataset is "

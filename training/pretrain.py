@@ -37,6 +37,7 @@ from transformers import HfArgumentParser
 
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.augmentation import build_two_crops
+from moco_hf.batched_augmentation import BatchedTwoCrops
 from moco_hf.checkpointing import (
     MATCHING_CONFIG_FIELDS,
     OutputDirLock,
@@ -52,6 +53,7 @@ from moco_hf.configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, S
 from moco_hf.data import (
     HUB_CIFAR10,
     TwoCropBatches,
+    TwoCropPipeline,
     as_iterable,
     dataset_rows,
     default_dataset_name,
@@ -119,6 +121,11 @@ class DataArguments:
         default_factory=lambda: list(IMAGENET_DEFAULT_STD), metadata={"help": "Per-channel std (ImageNet's)."}
     )
     dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    augment_on_device: bool = field(
+        default=True,
+        metadata={"help": "Crop, jitter, blur and flip whole batches on the training device (workers only decode and "
+                  "draw parameters); false: each image in the workers (torchvision v2)."},
+    )  # fmt: skip
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Labelled data for kNN (default: same)."})
     eval_train_split: str = field(default="train", metadata={"help": "kNN memory bank split."})
     eval_split: str = field(default="test", metadata={"help": "kNN query split."})
@@ -304,11 +311,16 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
     )
 
 
+def build_augmentation(config: MocoConfig, data_args: DataArguments) -> TwoCropPipeline:
+    """The recipe's two crops: batched on the training device, or per image in the loader workers."""
+    build = BatchedTwoCrops if data_args.augment_on_device else build_two_crops
+    return build(config.augmentation, data_args.image_size, data_args.image_mean, data_args.image_std)
+
+
 def build_loader(
-    plan: DataPlan, config: MocoConfig, data_args: DataArguments, seed: int, rank: int, skip_batches: int, device
+    plan: DataPlan, two_crops: TwoCropPipeline, seed: int, rank: int, skip_batches: int, device: torch.device
 ) -> Iterator[dict[str, Any]]:
     """The endless iterator of two-crop batches, positioned `skip_batches` micro-batches into the run."""
-    two_crops = build_two_crops(config.augmentation, data_args.image_size, data_args.image_mean, data_args.image_std)
     batches = TwoCropBatches(plan.stream, plan.image_column, two_crops, plan.micro_batch, seed, rank, skip_batches)
     loader = torch.utils.data.DataLoader(
         batches,
@@ -415,6 +427,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     plan: DataPlan
+    two_crops: TwoCropPipeline
     knn: KnnMonitor | None
     learning_rate: float
     output_dir: Path
@@ -580,7 +593,7 @@ def training_step(run: Run, state: TrainerState, data: Iterator[dict[str, Any]],
     for _ in range(run.args.gradient_accumulation_steps):
         batch = next_batch(data)
         state.skipped_images += batch["skipped"]
-        query, key = (batch[view].to(accelerator.device, non_blocking=True) for view in ("query", "key"))
+        query, key = run.two_crops.on_device(batch, accelerator.device)
         if run.args.channels_last:
             query, key = (t.contiguous(memory_format=torch.channels_last) for t in (query, key))
         with accelerator.accumulate(run.model):
@@ -734,8 +747,9 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.push_to_hub and accelerator.is_main_process:
         publisher = HubPublisher(repo_id, train_args.hub_token, train_args.hub_private_repo, train_args.hub_revision,
                                  train_args.create_pr)  # fmt: skip
-    run = Run(train_args, data_args, config, accelerator, model, optimizer, scheduler, plan, knn,
-              learning_rate, output_dir, repo_id, publisher, lock, seconds_before=state.training_seconds)  # fmt: skip
+    run = Run(train_args, data_args, config, accelerator, model, optimizer, scheduler, plan,
+              build_augmentation(config, data_args), knn, learning_rate, output_dir, repo_id, publisher, lock,
+              seconds_before=state.training_seconds)  # fmt: skip
     write_run_config(run, model_args)
     return run, state
 
@@ -772,7 +786,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             run.moco.resolve_shuffle_bn(),
         )  # fmt: skip
         skip_batches = state.completed_steps * train_args.gradient_accumulation_steps
-        data = build_loader(plan, run.config, data_args, train_args.seed, accelerator.process_index, skip_batches,
+        data = build_loader(plan, run.two_crops, train_args.seed, accelerator.process_index, skip_batches,
                             accelerator.device)  # fmt: skip
         train_loop(run, state, data, stop)
         if stop.received:
