@@ -340,6 +340,15 @@ def init_loader_worker(_worker_id: int = 0) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def close_loader(batches: Iterator[Any]) -> None:
+    """Shut down a DataLoader iterator's workers now. Call it however the loop ends: an exception's traceback keeps
+    the iterator alive until the interpreter exits, and there multiprocessing would wait forever on workers that
+    ignore SIGTERM (`init_loader_worker`). Told to stop, they exit by themselves."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own clean stop (absent without workers)
+    if shutdown is not None:
+        shutdown()
+
+
 def labelled_images(
     dataset: Dataset | IterableDataset, image_column: str, label_column: str, limit: int | None
 ) -> Iterator[tuple[PILImage.Image, int]]:

@@ -7,6 +7,7 @@ import random
 import signal
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -246,6 +247,42 @@ def test_training_on_a_folder_of_bad_images_skips_and_reports_them(bad_files, ci
 
 
 # ---- 3. numerical faults ----------------------------------------------------------------------------------------
+
+
+LOADER_WORKER_FAILS = """
+import sys, torch
+from moco_hf.data import TwoCropBatches, as_iterable, close_loader, init_loader_worker, load_image_dataset
+
+class FailsAfterTwenty:  # an augmentation that breaks mid-stream, inside a loader worker
+    calls = 0
+    def loader_item(self, image, seed):
+        FailsAfterTwenty.calls += 1
+        if FailsAfterTwenty.calls > 20:
+            raise IndexError("augmentation failed")
+        return {"query": torch.zeros(3)}
+
+stream = as_iterable(load_image_dataset(sys.argv[1], "train", False), 4)
+loader = torch.utils.data.DataLoader(TwoCropBatches(stream, "image", FailsAfterTwenty(), 8, seed=0), batch_size=None,
+                                     num_workers=2, worker_init_fn=init_loader_worker)
+batches = iter(loader)
+try:
+    for _ in range(20):
+        next(batches)
+finally:
+    if sys.argv[2] == "close":
+        close_loader(batches)
+"""
+
+
+def test_a_failing_loader_worker_ends_the_process_instead_of_hanging_at_exit(small_dataset):
+    """Workers ignore SIGTERM (so that a Ctrl-C to the process group leaves them to the checkpoint save); at exit,
+    multiprocessing terminates them with SIGTERM and waits: without `close_loader` (as the trainer calls it
+    whatever ends its loop) an error in a worker left the process hanging for ever."""
+    command = [sys.executable, "-c", LOADER_WORKER_FAILS, str(small_dataset)]
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([*command, "leave"], cwd=REPO_ROOT, capture_output=True, timeout=45)
+    result = subprocess.run([*command, "close"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "IndexError: augmentation failed" in result.stderr
 
 
 @pytest.mark.slow

@@ -55,6 +55,7 @@ from moco_hf.data import (
     TwoCropBatches,
     TwoCropPipeline,
     as_iterable,
+    close_loader,
     dataset_rows,
     default_dataset_name,
     find_image_column,
@@ -788,7 +789,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         skip_batches = state.completed_steps * train_args.gradient_accumulation_steps
         data = build_loader(plan, run.two_crops, train_args.seed, accelerator.process_index, skip_batches,
                             accelerator.device)  # fmt: skip
-        train_loop(run, state, data, stop)
+        try:
+            train_loop(run, state, data, stop)
+        finally:
+            close_loader(data)
         if stop.received:
             logger.warning("%s received: saving a checkpoint at step %d before exiting.", stop.received.name,
                            state.completed_steps)  # fmt: skip
