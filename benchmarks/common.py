@@ -8,6 +8,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -66,6 +67,21 @@ def last_number_printed_by(argv: list[str]) -> float:
     """Run `python argv...` in a fresh process and return the number on the last line it prints."""
     output = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True).stdout
     return float(output.strip().splitlines()[-1])
+
+
+def trainer_images_per_second(arguments: list[str], processes: int = 1) -> float:
+    """Run `training/pretrain.py arguments` (under `accelerate launch` with gloo when `processes` > 1) in a fresh
+    output folder; the median `images_per_second` of its `metrics.jsonl` windows after the first (start-up)."""
+    root = Path(__file__).resolve().parents[1]
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [*launcher, str(root / "training" / "pretrain.py"), *arguments, "--output_dir", output_dir]
+        subprocess.run(command, check=True, capture_output=True, text=True, cwd=root)
+        windows = [json.loads(line) for line in Path(output_dir, "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(window["images_per_second"] for window in windows[1:])
 
 
 def machine() -> dict[str, object]:

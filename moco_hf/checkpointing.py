@@ -149,30 +149,55 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) 
     return state
 
 
-# Settings a resumed run must share with its checkpoint: the data position is counted in batches of the old size,
-# the optimizer and scheduler state hold the old learning rate, and the weights have the old shapes.
+# Settings a resumed run must share with its checkpoint: the optimizer and scheduler state hold the old learning
+# rate, and the weights have the old shapes.
 MATCHING_CONFIG_FIELDS = ("optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim", "queue_size", "mlp",
                           "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor")  # fmt: skip
-MUST_MATCH = ("per_device_train_batch_size", "num_processes", "gradient_accumulation_steps", "seed", "learning_rate",
-              *MATCHING_CONFIG_FIELDS)  # fmt: skip
+MUST_MATCH = ("seed", "learning_rate", *MATCHING_CONFIG_FIELDS)
+# How the global batch is laid out. A dataset read in `GlobalOrder` only needs the same global batch; a stream
+# (and a checkpoint from before the global order) counts its position in each process's own micro-batches.
+BATCH_LAYOUT = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:
     """Refuse (one line naming the setting) what the checkpoint cannot continue with; warn about what only costs
-    bit-exactness (the number of DataLoader workers)."""
-    for name in MUST_MATCH:
+    bit-exactness (another process count or batch layout for the same global batch, another worker count)."""
+    global_order = saved.get("data_order") == current.get("data_order") == "global"
+    for name in (("global_batch_size",) if global_order else BATCH_LAYOUT) + MUST_MATCH:  # the cause before the lr
         if name in saved and saved[name] != current.get(name):
             raise UsageError(
                 f"{name} is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "
-                "resume with the same value, or start a new run in another --output_dir."
+                f"{resume_advice(name, saved)}"
             )
+    layout = {name: (saved.get(name), current.get(name)) for name in BATCH_LAYOUT}
+    if global_order and any(old != new for old, new in layout.values()):
+        logger.warning(
+            "Resuming %s on %s (checkpoint: %s): the same images from the same position, but bit-exactness "
+            "holds only for the checkpoint's layout (BatchNorm sees other groups of images).", checkpoint.name,
+            describe_layout(current), describe_layout(saved),
+        )  # fmt: skip
     workers = "dataloader_num_workers"
-    if workers in saved and saved[workers] != current.get(workers):
+    if not global_order and workers in saved and saved[workers] != current.get(workers):
         logger.warning(
             "--%s is %s but the checkpoint was written with %s: training continues from the same data position, "
             "but the augmentation draws differ, so the run is no longer bit-identical to an uninterrupted one.",
             workers, current.get(workers), saved[workers],
         )  # fmt: skip
+
+
+def describe_layout(settings: dict) -> str:
+    return (f"{settings.get('num_processes')} processes x {settings.get('per_device_train_batch_size')} images x "
+            f"{settings.get('gradient_accumulation_steps')} accumulation")  # fmt: skip
+
+
+def resume_advice(name: str, saved: dict) -> str:
+    if name == "global_batch_size":
+        return ("keep processes x --per_device_train_batch_size x --gradient_accumulation_steps equal to "
+                f"{saved[name]} (e.g. on half the processes, double one of the other two).")  # fmt: skip
+    if name in BATCH_LAYOUT:
+        return ("a streamed dataset counts its position per process: resume with the same value (a dataset read "
+                "without --streaming can change the process count at the same global batch).")  # fmt: skip
+    return "resume with the same value, or start a new run in another --output_dir."
 
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:

@@ -307,6 +307,99 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
             epoch += 1
 
 
+@dataclass(frozen=True)
+class GlobalOrder:
+    """Which rows of a map-style dataset each training step reads: every epoch is one permutation of the rows
+    (seeded by the run's seed and the epoch), cut into global batches of `global_batch` images; within a step,
+    micro-batch m of process r is the slice `(m * world + r) * micro_batch` onwards. The images of a step depend
+    on the global batch alone, not on the number of processes or loader workers, so that a run resumes on another
+    process count at the same position: within the epoch no image seen twice, none skipped. An epoch is whole
+    steps (`num_rows // global_batch`); the last rows of each permutation wait for a later epoch's."""
+
+    num_rows: int
+    global_batch: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.num_rows // self.global_batch)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
+        return torch.randperm(self.num_rows, generator=generator)
+
+    def positions(self, step: int, micro_step: int, rank: int, micro_batch: int, world: int) -> tuple[int, range]:
+        """(epoch, positions in that epoch's permutation) of micro-batch `micro_step` of process `rank` at `step`."""
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        start = step_in_epoch * self.global_batch + (micro_step * world + rank) * micro_batch
+        return epoch, range(start, start + micro_batch)
+
+
+class MicroBatchKeys(torch.utils.data.Sampler):
+    """The DataLoader `batch_sampler` of one process: endless lists of `(epoch, position)` keys, one list per
+    micro-batch, from step `start_step` on (a resumed run starts where its checkpoint stopped)."""
+
+    def __init__(self, order: GlobalOrder, micro_batch: int, rank: int, world: int, accumulation: int,
+                 start_step: int) -> None:  # fmt: skip
+        self.order, self.micro_batch, self.rank, self.world = order, micro_batch, rank, world
+        self.accumulation, self.start_step = accumulation, start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            for micro_step in range(self.accumulation):
+                epoch, positions = self.order.positions(step, micro_step, self.rank, self.micro_batch, self.world)
+                yield [(epoch, position) for position in positions]
+            step += 1
+
+
+class TwoCropRows(torch.utils.data.Dataset):
+    """Two-crop micro-batches of a map-style dataset, read in `GlobalOrder` (see `MicroBatchKeys`).
+
+    The augmentation of the image at position p of epoch e is seeded by (seed, e, p): the data is the same whatever
+    the number of processes and workers. An image that cannot be decoded is replaced by the next decodable one in
+    the epoch's order (counted in `"skipped"`), so that every micro-batch stays full, as the batch shuffle and split
+    BatchNorm need; that image is then seen twice.
+    """
+
+    def __init__(self, dataset: Dataset, image_column: str, two_crops: TwoCropPipeline, order: GlobalOrder) -> None:
+        self.dataset = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+        self.image_column, self.two_crops, self.order = image_column, two_crops, order
+        self.cached_epoch, self.cached_permutation = -1, torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def rows(self, epoch: int) -> torch.Tensor:
+        if epoch != self.cached_epoch:
+            self.cached_epoch, self.cached_permutation = epoch, self.order.permutation(epoch)
+        return self.cached_permutation
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> dict[str, Any]:
+        """The collated micro-batch of `keys`, or `{"error": message}` when no image nearby decodes."""
+        epoch = keys[0][0]
+        rows = self.rows(epoch)
+        values = self.dataset[rows[[position for _, position in keys]].tolist()][self.image_column]
+        items, skipped, failures = [], 0, UndecodableRun(self.image_column)
+        for (_, position), value in zip(keys, values, strict=True):
+            image, reason = decode_image_or_reason(value)
+            attempt = 0
+            while image is None:  # the next rows of the permutation, until one decodes
+                skipped, attempt = skipped + 1, attempt + 1
+                if failures.add(reason):
+                    return {"error": failures.message()}
+                value = self.dataset[int(rows[(position + attempt) % len(rows)])][self.image_column]
+                image, reason = decode_image_or_reason(value)
+            failures.add(None)
+            items.append(self.two_crops.loader_item(image, sample_seed(self.order.seed, epoch, position)))
+        return {**collate(items), "skipped": skipped}
+
+
+def keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader `collate_fn` for datasets that collate their own batches (`TwoCropRows.__getitems__`)."""
+    return batch
+
+
 class UndecodableRun:
     """Counts images that fail to decode one after another; too many in a row means none will."""
 

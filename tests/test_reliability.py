@@ -430,10 +430,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
     "changed, message",
     [
         (["--learning_rate", "0.5"], "learning_rate is 0.5 but checkpoint step_4 was trained with 0.001875"),
-        (
-            ["--per_device_train_batch_size", "8"],
-            "per_device_train_batch_size is 8 but checkpoint step_4 was trained with 16",
-        ),
+        (["--per_device_train_batch_size", "8"], "global_batch_size is 8 but checkpoint step_4 was trained with 16"),
         (["--queue_size", "128"], "queue_size is 128 but checkpoint step_4 was trained with 64"),
         (["--backbone", "resnet34"], "backbone is 'resnet34' but checkpoint step_4 was trained with 'resnet18'"),
     ],
@@ -445,14 +442,30 @@ def test_changed_settings_on_resume_are_refused_with_the_field_named(run_with_tw
 
 
 @pytest.mark.slow
-def test_a_different_worker_count_resumes_with_a_warning(run_with_two_checkpoints):
+def test_another_worker_count_resumes_bit_identically(run_with_two_checkpoints):
+    """Each image's augmentation is seeded by its place in the global order, not by the worker that reads it."""
     out, args = run_with_two_checkpoints
-    result = run_pretrain(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
+    result = run_pretrain(*args, "--max_train_steps", "4", "--dataloader_num_workers", "0",
+                          "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bit-identical" not in result.stderr and "Resuming" not in result.stderr
+    (abandoned,) = (out / "checkpoints" / "abandoned").iterdir()  # the uninterrupted run's step 4
+    resumed, uninterrupted = (load_file(c / "model.safetensors") for c in (out / "checkpoints" / "step_4", abandoned))
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_a_stream_resumed_with_another_worker_count_warns(small_dataset, tmp_path):
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_monitor", "false", "--streaming",
+            "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "2"]  # fmt: skip
+    assert run_pretrain(*args, "--max_train_steps", "2").returncode == 0
+    result = run_pretrain(*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
                           "--dataloader_num_workers", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--dataloader_num_workers is 1 but the checkpoint was written with 2" in result.stderr
-    state = json.loads((out / "checkpoints" / "step_6" / "trainer_state.json").read_text())
-    assert state["settings"]["dataloader_num_workers"] == 1  # what this run used
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["settings"]["dataloader_num_workers"] == 1 and state["settings"]["data_order"] == "stream"
 
 
 def test_checkpoint_that_does_not_match_its_config_names_the_field(tmp_path):

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
+from datasets import Dataset
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
@@ -52,14 +53,18 @@ from moco_hf.checkpointing import (
 from moco_hf.configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, SHUFFLE_BN_MODES
 from moco_hf.data import (
     HUB_CIFAR10,
+    GlobalOrder,
+    MicroBatchKeys,
     TwoCropBatches,
     TwoCropPipeline,
+    TwoCropRows,
     as_iterable,
     close_loader,
     dataset_rows,
     default_dataset_name,
     find_image_column,
     init_loader_worker,
+    keep_batch,
     load_image_dataset,
     shard_for_process,
     take_rows,
@@ -113,7 +118,9 @@ class DataArguments:
     train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected if unique)."})
     streaming: bool = field(default=False, metadata={"help": "Iterate without materialising the dataset."})
-    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of the stream."})
+    shuffle_buffer_size: int = field(
+        default=10_000, metadata={"help": "Shuffle buffer of --streaming (otherwise every epoch is fully shuffled)."}
+    )
     image_size: int = field(default=224, metadata={"help": "Crop size: 32 for CIFAR-size images, 224 for ImageNet."})
     image_mean: list[float] = field(
         default_factory=lambda: list(IMAGENET_DEFAULT_MEAN), metadata={"help": "Per-channel mean (ImageNet's)."}
@@ -258,10 +265,11 @@ def build_accelerator(train_args: TrainArguments) -> Accelerator:
 
 @dataclass
 class DataPlan:
-    """The run's data and its arithmetic: this process's stream, batch sizes and step counts."""
+    """The run's data and its arithmetic: what this process reads, batch sizes and step counts."""
 
     dataset_name: str
-    stream: Any  # this process's shuffled `datasets.IterableDataset`
+    source: Any  # a map-style `datasets.Dataset` (read in `order`), or this process's shuffled stream
+    order: GlobalOrder | None  # None for a stream: it has no random access
     image_column: str
     micro_batch: int
     global_batch: int
@@ -271,7 +279,7 @@ class DataPlan:
 
 
 def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator: Accelerator) -> DataPlan:
-    """Load the training split, shard it for this process and work out the number of steps."""
+    """Load the training split, plan who reads what (a global order, or shards of a stream) and count the steps."""
     dataset_name = data_args.dataset_name or default_dataset_name()
     train_set = load_image_dataset(dataset_name, data_args.train_split, data_args.streaming,
                                    data_args.dataset_config_name, data_args.cache_dir)  # fmt: skip
@@ -295,21 +303,17 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
     total_steps = train_args.max_train_steps
     if total_steps is None:
         total_steps = max(1, round(train_args.num_train_epochs * steps_per_epoch))
+    image_column = find_image_column(train_set, data_args.image_column)
+    if isinstance(train_set, Dataset):  # random access: every process reads its part of one global order
+        order = GlobalOrder(len(train_set), global_batch, train_args.seed)
+        return DataPlan(dataset_name, train_set, order, image_column, micro_batch, global_batch, total_steps,
+                        steps_per_epoch, max(0, data_args.dataloader_num_workers))  # fmt: skip
     stream = as_iterable(train_set, num_shards=max(1, world * max(1, data_args.dataloader_num_workers)))
     stream = shard_for_process(stream, accelerator.process_index, world)
-    buffer = data_args.shuffle_buffer_size if rows is None or data_args.streaming else min(
-        data_args.shuffle_buffer_size, rows)  # fmt: skip
-    stream = stream.shuffle(seed=train_args.seed, buffer_size=buffer)
-    return DataPlan(
-        dataset_name=dataset_name,
-        stream=stream,
-        image_column=find_image_column(train_set, data_args.image_column),
-        micro_batch=micro_batch,
-        global_batch=global_batch,
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch if rows is not None else total_steps,
-        num_workers=usable_workers(stream, data_args.dataloader_num_workers),
-    )
+    stream = stream.shuffle(seed=train_args.seed, buffer_size=data_args.shuffle_buffer_size)
+    return DataPlan(dataset_name, stream, None, image_column, micro_batch, global_batch, total_steps,
+                    steps_per_epoch if rows is not None else total_steps,
+                    usable_workers(stream, data_args.dataloader_num_workers))  # fmt: skip
 
 
 def build_augmentation(config: MocoConfig, data_args: DataArguments) -> TwoCropPipeline:
@@ -318,26 +322,35 @@ def build_augmentation(config: MocoConfig, data_args: DataArguments) -> TwoCropP
     return build(config.augmentation, data_args.image_size, data_args.image_mean, data_args.image_std)
 
 
-def build_loader(
-    plan: DataPlan, two_crops: TwoCropPipeline, seed: int, rank: int, skip_batches: int, device: torch.device
-) -> Iterator[dict[str, Any]]:
-    """The endless iterator of two-crop batches, positioned `skip_batches` micro-batches into the run."""
-    batches = TwoCropBatches(plan.stream, plan.image_column, two_crops, plan.micro_batch, seed, rank, skip_batches)
+def build_loader(plan: DataPlan, two_crops: TwoCropPipeline, train_args: TrainArguments, accelerator: Accelerator,
+                 start_step: int) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The endless iterator of this process's two-crop micro-batches, from training step `start_step` on."""
+    options = {"num_workers": plan.num_workers, "worker_init_fn": init_loader_worker,
+               "pin_memory": accelerator.device.type == "cuda"}  # fmt: skip
+    if plan.order is not None:
+        keys = MicroBatchKeys(plan.order, plan.micro_batch, accelerator.process_index, accelerator.num_processes,
+                              train_args.gradient_accumulation_steps, start_step)  # fmt: skip
+        dataset = TwoCropRows(plan.source, plan.image_column, two_crops, plan.order)
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=keys, collate_fn=keep_batch, **options))
+    skip_batches = start_step * train_args.gradient_accumulation_steps
+    batches = TwoCropBatches(plan.source, plan.image_column, two_crops, plan.micro_batch, train_args.seed,
+                             accelerator.process_index, skip_batches)  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        batches,
-        batch_size=None,
-        num_workers=plan.num_workers,
-        worker_init_fn=init_loader_worker,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
-    )
+        batches, batch_size=None, generator=torch.Generator().manual_seed(train_args.seed), **options
+    )  # the generator keeps the global RNG untouched
     data = iter(loader)
     for _ in range(batches.batches_to_drop(plan.num_workers)):
         next_batch(data)
     return data
 
 
-def build_model(config: MocoConfig, model_args: ModelArguments, train_args: TrainArguments, world: int) -> MocoModel:
+def build_model(config: MocoConfig, model_args: ModelArguments, train_args: TrainArguments, world: int,
+                device: torch.device) -> MocoModel:  # fmt: skip
+    if model_args.sync_bn and world > 1 and device.type != "cuda":
+        raise UsageError(
+            "--sync_bn needs CUDA GPUs (PyTorch's DDP runs SyncBatchNorm on GPU modules only); processes on the "
+            "CPU keep the paper's remedy, the key batch shuffle across processes (--shuffle_bn ddp, the default)."
+        )
     try:
         model = MocoModel(config)
     except ValueError as error:  # a setting that does not fit the backbone, e.g. --cifar_stem on a ViT
@@ -347,12 +360,18 @@ def build_model(config: MocoConfig, model_args: ModelArguments, train_args: Trai
         logger.info("Initialised from %s.", source)
     if model_args.sync_bn and world > 1:
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+    elif model_args.sync_bn:
+        logger.warning("--sync_bn with one process: there is nothing to synchronise.")
     if train_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if train_args.torch_compile:
         model.encoder_q.backbone.compile()
         model.encoder_k.backbone.compile()
     return model
+
+
+def uses_sync_batch_norm(model: MocoModel) -> bool:
+    return any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.encoder_q.modules())
 
 
 def warmup_steps(train_args: TrainArguments, total_steps: int) -> int:
@@ -383,6 +402,8 @@ def run_settings(config: MocoConfig, plan: DataPlan, data_args: DataArguments, t
                  learning_rate: float, num_processes: int) -> dict[str, Any]:  # fmt: skip
     """What a checkpoint records of the run, for `check_resume_settings`."""
     return {
+        "data_order": "global" if plan.order is not None else "stream",
+        "global_batch_size": plan.global_batch,
         "per_device_train_batch_size": plan.micro_batch,
         "num_processes": num_processes,
         "gradient_accumulation_steps": train_args.gradient_accumulation_steps,
@@ -724,7 +745,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     set_seed(train_args.seed)
     config = build_config(model_args, data_args, train_args)
     plan = plan_data(data_args, train_args, accelerator)
-    model = build_model(config, model_args, train_args, accelerator.num_processes)
+    model = build_model(config, model_args, train_args, accelerator.num_processes, accelerator.device)
     if 0 < config.queue_size < plan.global_batch:
         logger.warning("The queue (K=%d) is smaller than the global batch (%d): each step keeps only the newest %d "
                        "keys as negatives.", config.queue_size, plan.global_batch, config.queue_size)  # fmt: skip
@@ -781,14 +802,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
             logger.info("kNN top-1 of the initial (random) encoder: %.2f%%", record_knn(run, state))
         logger.info(
             "Training %s (%s) for %d steps: %d processes x %d images x %d accumulation = %d per step, lr %.4g, "
-            "%d loader workers per process, shuffle_bn=%s.",
+            "%d loader workers per process, shuffle_bn=%s, query encoder BatchNorm: %s, augmentation on %s.",
             run.config.backbone, model_args.preset, plan.total_steps, accelerator.num_processes, plan.micro_batch,
             train_args.gradient_accumulation_steps, plan.global_batch, run.learning_rate, plan.num_workers,
             run.moco.resolve_shuffle_bn(),
+            f"synchronised across {accelerator.num_processes} processes" if uses_sync_batch_norm(run.moco)
+            else "per process", accelerator.device if data_args.augment_on_device else "the loader workers",
         )  # fmt: skip
-        skip_batches = state.completed_steps * train_args.gradient_accumulation_steps
-        data = build_loader(plan, run.two_crops, train_args.seed, accelerator.process_index, skip_batches,
-                            accelerator.device)  # fmt: skip
+        data = build_loader(plan, run.two_crops, train_args, accelerator, state.completed_steps)
         try:
             train_loop(run, state, data, stop)
         finally:

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""The whole trainer against its own model step and against a plain lightly MoCo loop, end to end, on real data.
+
+Candidates, each in a fresh process, interleaved over `--rounds` (A, B, C, D, A, B, ...):
+
+* `step alone`: `MocoModel` forward, backward and SGD step on fixed tensors: what the trainer could reach;
+* `trainer`: `training/pretrain.py` as a user runs it (real CIFAR-10 parquet files, batched augmentation on the
+  device, logging on; kNN monitor and checkpoints off), images/s from its `metrics.jsonl`;
+* `trainer, per-image augmentation`: the same with `--augment_on_device false` (torchvision v2 in the workers);
+* `lightly loop`: lightly's MoCo v2 example over the same parquet files (`MoCoV2Transform` per image in 2 DataLoader
+  workers, `MoCoProjectionHead`, `update_momentum`, `NTXentLoss` with a memory bank of K), the same timm backbone,
+  batch, K, T, m and SGD settings.
+
+Each reports the median images/s over windows of `--window` steps after the first window (start-up and warm-up).
+Main-job settings by default: ResNet-18 at 32 px, batch 128, K=1024, m=0.99, T=0.2, 2 loader workers.
+
+    pip install -e ".[bench]" && python benchmarks/trainer_throughput.py            # timm's stem
+    python benchmarks/trainer_throughput.py --cifar_stem --steps 20 --window 5      # the main job's CIFAR stem
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import device_of_choice, trainer_images_per_second, write_results
+from moco_hf import MocoConfig, MocoModel
+from moco_hf.data import default_dataset_name, load_image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
+CANDIDATES = ("step alone", "trainer", "trainer, per-image augmentation", "lightly loop")
+
+
+def moco_config(args: argparse.Namespace) -> MocoConfig:
+    return MocoConfig.from_preset("v2", backbone=args.backbone, cifar_stem=args.cifar_stem, image_size=args.image_size,
+                                  queue_size=args.queue_size, momentum=args.momentum)  # fmt: skip
+
+
+def windowed_rate(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
+    """Median images/s over windows of `args.window` steps, the first window left out."""
+    rates = []
+    for _ in range(args.steps // args.window):
+        start = time.perf_counter()
+        for _ in range(args.window):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(args.window * args.batch_size / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def step_alone(args: argparse.Namespace) -> float:
+    device = device_of_choice()
+    model = MocoModel(moco_config(args)).to(device).train()
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=1e-4)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    query, key = torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+    def step() -> None:
+        model(pixel_values=query, key_pixel_values=key).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return windowed_rate(step, args, device)
+
+
+class ParquetImages(torch.utils.data.Dataset):
+    """The CIFAR-10 train split through `transform`, as a lightly user would wrap a `datasets.Dataset`."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.images = load_image_dataset(default_dataset_name(), "train", streaming=False)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]["img" if "img" in self.images.features else "image"])
+
+
+def lightly_loop(args: argparse.Namespace) -> float:
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import MoCoV2Transform
+    from lightly.transforms.utils import IMAGENET_NORMALIZE
+
+    device = device_of_choice()
+    normalize = {"mean": CIFAR_MEAN, "std": CIFAR_STD} if args.image_size <= 64 else IMAGENET_NORMALIZE
+    transform = MoCoV2Transform(input_size=args.image_size, normalize=normalize)
+    loader = torch.utils.data.DataLoader(ParquetImages(transform), batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.workers, drop_last=True, persistent_workers=True)  # fmt: skip
+    backbone = MocoModel(moco_config(args)).encoder_q.backbone  # the same timm network (and stem) as ours
+    head = MoCoProjectionHead(backbone.num_features, backbone.num_features, 128)  # v2's MLP, as ours
+    query_encoder = torch.nn.Sequential(backbone, head).to(device).train()
+    key_encoder = copy.deepcopy(query_encoder)
+    deactivate_requires_grad(key_encoder)
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=(args.queue_size, 128))
+    optimizer = torch.optim.SGD(query_encoder.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=1e-4)
+    batches = iter(loader)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            view_q, view_k = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            view_q, view_k = next(batches)
+        update_momentum(query_encoder, key_encoder, m=args.momentum)
+        query = query_encoder(view_q.to(device))
+        with torch.no_grad():
+            key = key_encoder(view_k.to(device))
+        criterion(query, key).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return windowed_rate(step, args, device)
+
+
+def trainer(args: argparse.Namespace, on_device: bool) -> float:
+    return trainer_images_per_second([
+        "--preset", "v2", "--backbone", args.backbone, "--image_size", str(args.image_size), "--image_mean",
+        *map(str, CIFAR_MEAN), "--image_std", *map(str, CIFAR_STD), "--per_device_train_batch_size",
+        str(args.batch_size), "--learning_rate", str(args.learning_rate), "--momentum", str(args.momentum),
+        "--queue_size", str(args.queue_size), "--max_train_steps", str(args.steps), "--logging_steps",
+        str(args.window), "--knn_monitor", "false", "--dataloader_num_workers", str(args.workers),
+        "--augment_on_device", str(on_device).lower(), *(["--cifar_stem"] if args.cifar_stem else []),
+    ])  # fmt: skip
+
+
+def measure(candidate: str, args: argparse.Namespace) -> float:
+    """`candidate`'s images/s, from a fresh process (so that none inherits another's threads or caches)."""
+    if candidate.startswith("trainer"):
+        return trainer(args, on_device=candidate == "trainer")
+    command = [sys.executable, __file__, "--role", candidate, *sys.argv[1:]]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--cifar_stem", action="store_true")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--queue_size", type=int, default=1024)
+    parser.add_argument("--momentum", type=float, default=0.99)
+    parser.add_argument("--learning_rate", type=float, default=0.03)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--role", choices=["step alone", "lightly loop"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role is not None:  # one measurement, in this fresh process
+        print(step_alone(args) if args.role == "step alone" else lightly_loop(args))
+        return
+    rates: dict[str, list[float]] = {candidate: [] for candidate in CANDIDATES}
+    for _ in range(args.rounds):
+        for candidate in CANDIDATES:
+            rates[candidate].append(measure(candidate, args))
+            print(f"{candidate}: {rates[candidate][-1]:.1f} images/s", flush=True)
+    medians = {candidate: statistics.median(values) for candidate, values in rates.items()}
+    rows = [
+        {
+            "candidate": candidate,
+            "images_per_s": medians[candidate],
+            "per_round": [round(value, 1) for value in rates[candidate]],
+            "vs_step_alone": medians[candidate] / medians["step alone"],
+            "vs_lightly_loop": medians[candidate] / medians["lightly loop"],
+        }
+        for candidate in CANDIDATES
+    ]
+    name = "trainer_throughput" + ("-cifar_stem" if args.cifar_stem else "")
+    settings = {k: v for k, v in vars(args).items() if k != "role"} | {"device": str(device_of_choice())}
+    write_results(name, settings, rows, ["candidate", "images_per_s", "per_round", "vs_step_alone",
+                                         "vs_lightly_loop"],
+                  notes="Median images/s over windows after the first; each candidate in a fresh process, "
+                  "interleaved over the rounds. The trainer uses its default shuffle (split BatchNorm in one "
+                  "process); lightly's example has none.")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
