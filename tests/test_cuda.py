@@ -1,5 +1,6 @@
 """CUDA checks (run where a GPU is: the `device` machine; skipped on CPU-only CI): the same step on the GPU as on
-the CPU, bf16 autocast with the queue kept in fp32, the v3 in-batch path, device-agnostic buffers."""
+the CPU, bf16 autocast with the queue kept in fp32, the v3 in-batch path, device-agnostic buffers, the batched
+augmentation on the GPU as on the CPU."""
 
 import pytest
 import torch
@@ -64,3 +65,17 @@ def test_v3_in_batch_negatives_on_gpu_bf16():
     assert out.logits.shape == (32, 32) and torch.isfinite(out.loss)
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert model.predictor[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("recipe", ["v2", "v3"])
+def test_batched_augmentation_on_the_gpu_matches_the_cpu(cifar_images, recipe):
+    from moco_hf.batched_augmentation import BatchedTwoCrops
+    from moco_hf.data import collate
+
+    two_crops = BatchedTwoCrops(recipe, 32, (0.5, 0.45, 0.4), (0.25, 0.24, 0.26))
+    batch = collate([two_crops.loader_item(image, seed) for seed, image in enumerate(cifar_images[0][:256])])
+    on_cpu = two_crops.on_device(batch, torch.device("cpu"))
+    on_gpu = two_crops.on_device(batch, torch.device("cuda"))
+    for cpu_view, gpu_view in zip(on_cpu, on_gpu, strict=True):
+        assert gpu_view.device.type == "cuda"
+        torch.testing.assert_close(gpu_view.cpu(), cpu_view, atol=1e-4, rtol=0)

@@ -326,7 +326,10 @@ def build_loader(plan: DataPlan, two_crops: TwoCropPipeline, train_args: TrainAr
                  start_step: int) -> Iterator[dict[str, Any]]:  # fmt: skip
     """The endless iterator of this process's two-crop micro-batches, from training step `start_step` on."""
     options = {"num_workers": plan.num_workers, "worker_init_fn": init_loader_worker,
-               "pin_memory": accelerator.device.type == "cuda"}  # fmt: skip
+               "pin_memory": accelerator.device.type == "cuda",
+               # Its own generator: the loader draws its workers' base seed from it, not from the global RNG that
+               # a checkpoint restores (which would then differ from an uninterrupted run's).
+               "generator": torch.Generator().manual_seed(train_args.seed)}  # fmt: skip
     if plan.order is not None:
         keys = MicroBatchKeys(plan.order, plan.micro_batch, accelerator.process_index, accelerator.num_processes,
                               train_args.gradient_accumulation_steps, start_step)  # fmt: skip
@@ -335,10 +338,7 @@ def build_loader(plan: DataPlan, two_crops: TwoCropPipeline, train_args: TrainAr
     skip_batches = start_step * train_args.gradient_accumulation_steps
     batches = TwoCropBatches(plan.source, plan.image_column, two_crops, plan.micro_batch, train_args.seed,
                              accelerator.process_index, skip_batches)  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        batches, batch_size=None, generator=torch.Generator().manual_seed(train_args.seed), **options
-    )  # the generator keeps the global RNG untouched
-    data = iter(loader)
+    data = iter(torch.utils.data.DataLoader(batches, batch_size=None, **options))
     for _ in range(batches.batches_to_drop(plan.num_workers)):
         next_batch(data)
     return data
