@@ -16,6 +16,7 @@ Main-job settings by default: ResNet-18 at 32 px, batch 128, K=1024, m=0.99, T=0
 
     pip install -e ".[bench]" && python benchmarks/trainer_throughput.py            # timm's stem
     python benchmarks/trainer_throughput.py --cifar_stem --steps 20 --window 5      # the main job's CIFAR stem
+    python benchmarks/trainer_throughput.py --batch_size 512 --mixed_precision bf16 --channels_last   # a GPU
 """
 
 from __future__ import annotations
@@ -61,14 +62,23 @@ def windowed_rate(step: Callable[[], None], args: argparse.Namespace, device: to
 
 
 def step_alone(args: argparse.Namespace) -> float:
+    """The trainer's step with the same speed options (bf16 autocast, channels_last, compiled backbones)."""
     device = device_of_choice()
     model = MocoModel(moco_config(args)).to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if args.torch_compile:
+        model.encoder_q.backbone.compile()
+        model.encoder_k.backbone.compile()
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=1e-4)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
-    query, key = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    query, key = (torch.randn(shape, device=device).contiguous(memory_format=memory_format) for _ in range(2))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
 
     def step() -> None:
-        model(pixel_values=query, key_pixel_values=key).loss.backward()
+        with autocast:
+            loss = model(pixel_values=query, key_pixel_values=key).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -109,6 +119,7 @@ def lightly_loop(args: argparse.Namespace) -> float:
     criterion = NTXentLoss(temperature=0.2, memory_bank_size=(args.queue_size, 128))
     optimizer = torch.optim.SGD(query_encoder.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=1e-4)
     batches = iter(loader)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
 
     def step() -> None:
         nonlocal batches
@@ -118,10 +129,11 @@ def lightly_loop(args: argparse.Namespace) -> float:
             batches = iter(loader)
             view_q, view_k = next(batches)
         update_momentum(query_encoder, key_encoder, m=args.momentum)
-        query = query_encoder(view_q.to(device))
-        with torch.no_grad():
-            key = key_encoder(view_k.to(device))
-        criterion(query, key).backward()
+        with autocast:
+            query = query_encoder(view_q.to(device))
+            with torch.no_grad():
+                key = key_encoder(view_k.to(device))
+        criterion(query.float(), key.float()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -135,7 +147,9 @@ def trainer(args: argparse.Namespace, on_device: bool) -> float:
         str(args.batch_size), "--learning_rate", str(args.learning_rate), "--momentum", str(args.momentum),
         "--queue_size", str(args.queue_size), "--max_train_steps", str(args.steps), "--logging_steps",
         str(args.window), "--knn_monitor", "false", "--dataloader_num_workers", str(args.workers),
-        "--augment_on_device", str(on_device).lower(), *(["--cifar_stem"] if args.cifar_stem else []),
+        "--augment_on_device", str(on_device).lower(), "--mixed_precision", args.mixed_precision,
+        *(["--cifar_stem"] if args.cifar_stem else []), *(["--channels_last"] if args.channels_last else []),
+        *(["--torch_compile"] if args.torch_compile else []),
     ])  # fmt: skip
 
 
@@ -161,6 +175,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no", help="Step alone and trainer.")
+    parser.add_argument("--channels_last", action="store_true", help="Step alone and trainer.")
+    parser.add_argument("--torch_compile", action="store_true", help="Step alone and trainer.")
     parser.add_argument("--role", choices=["step alone", "lightly loop"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role is not None:  # one measurement, in this fresh process
@@ -182,7 +199,9 @@ def main() -> None:
         }
         for candidate in CANDIDATES
     ]
-    name = "trainer_throughput" + ("-cifar_stem" if args.cifar_stem else "")
+    options = [name for name in ("cifar_stem", "channels_last", "torch_compile") if getattr(args, name)]
+    options += ["bf16"] if args.mixed_precision == "bf16" else []
+    name = "-".join(["trainer_throughput", *options])
     settings = {k: v for k, v in vars(args).items() if k != "role"} | {"device": str(device_of_choice())}
     write_results(name, settings, rows, ["candidate", "images_per_s", "per_round", "vs_step_alone",
                                          "vs_lightly_loop"],

@@ -76,6 +76,27 @@ FAST_TRAINING = ["--backbone", "resnet18", "--image_size", "32", "--per_device_t
                  "--logging_steps", "1", "--dataloader_num_workers", "2"]  # fmt: skip
 
 
+def expected_skips(dataset_name: str, global_batch: int, steps: int, seed: int = 0) -> int:
+    """Undecodable images a run without --streaming meets: the positions its steps read in each epoch's
+    permutation, each undecodable one replaced by the next in that permutation (counting every failed try)."""
+    from moco_hf.data import GlobalOrder, decode_image, load_image_dataset
+
+    dataset = load_image_dataset(dataset_name, "train", streaming=False)
+    column = "image" if "image" in dataset.features else "img"
+    from datasets import Image
+
+    values = dataset.cast_column(column, Image(decode=False))[column]
+    broken = {row for row, value in enumerate(values) if decode_image(value) is None}
+    order, skips = GlobalOrder(len(dataset), global_batch, seed), 0
+    for step in range(steps):
+        epoch, positions = order.positions(step, 0, 0, global_batch, 1)
+        rows = order.permutation(epoch).tolist()
+        for position in positions:
+            while rows[position % len(rows)] in broken:
+                skips, position = skips + 1, position + 1
+    return skips
+
+
 def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
     """Run training/pretrain.py in a fresh process (or under `accelerate launch` with N processes)."""
     return launch(PRETRAIN, *args, processes=processes, timeout=timeout)

@@ -292,10 +292,11 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
         rows = min(rows or data_args.max_train_samples, data_args.max_train_samples)
     if micro_batch < 2:
         raise UsageError("--per_device_train_batch_size must be at least 2: BatchNorm cannot normalise one image.")
-    if rows is not None and rows < micro_batch * world:
+    if rows is not None and rows < global_batch:
         raise DataError(
-            f"the global batch ({micro_batch} per process x {world} processes) is larger than the dataset "
-            f"({rows} images); lower --per_device_train_batch_size."
+            f"the global batch ({micro_batch} per process x {world} processes x "
+            f"{train_args.gradient_accumulation_steps} accumulation) is larger than the dataset ({rows} images); "
+            "lower --per_device_train_batch_size or --gradient_accumulation_steps."
         )
     if train_args.max_train_steps is None and rows is None:
         raise UsageError("the stream's length is unknown: pass --max_train_steps.")
