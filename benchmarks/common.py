@@ -79,7 +79,9 @@ def trainer_images_per_second(arguments: list[str], processes: int = 1) -> float
                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     with tempfile.TemporaryDirectory() as output_dir:
         command = [*launcher, str(root / "training" / "pretrain.py"), *arguments, "--output_dir", output_dir]
-        subprocess.run(command, check=True, capture_output=True, text=True, cwd=root)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=root)
+        if result.returncode != 0:
+            raise RuntimeError(f"the trainer failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
         windows = [json.loads(line) for line in Path(output_dir, "metrics.jsonl").read_text().splitlines()]
     return statistics.median(window["images_per_second"] for window in windows[1:])
 
