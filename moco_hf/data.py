@@ -1,10 +1,16 @@
-"""Image datasets from `datasets` (Hub ids, image folders, parquet or arrow files) as streams of two-crop batches.
+"""Image datasets from `datasets` (Hub ids, image folders, parquet or arrow files) as two-crop micro-batches.
 
-Every dataset, streamed or not, is read as a `datasets.IterableDataset`, sharded per process with
-`split_dataset_by_node` and per DataLoader worker by `datasets` itself. Images are decoded here (not by `datasets`),
-so that one that fails to decode is skipped and counted rather than fatal. The augmentation of each image is seeded
-by (seed, epoch, rank, worker, position): the batches are a pure function of the settings, so a resumed run sees
-exactly the data that an uninterrupted one would.
+Two ways to read them, both a pure function of the settings, so that a resumed run sees exactly the data an
+uninterrupted one would:
+
+* a dataset with random access (not `--streaming`) is read in one `GlobalOrder` (`MicroBatchKeys` +
+  `TwoCropRows`): every epoch a permutation of the rows, each image's augmentation seeded by (seed, epoch,
+  position), whatever the number of processes and workers;
+* a stream (`TwoCropBatches`) is sharded per process with `split_dataset_by_node` and per DataLoader worker by
+  `datasets` itself; each image's augmentation is seeded by (seed, epoch, rank, worker, position).
+
+Images are decoded here (not by `datasets`), so that one that fails to decode is skipped and counted rather than
+fatal.
 """
 
 from __future__ import annotations
