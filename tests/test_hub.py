@@ -60,12 +60,18 @@ def test_push_then_load_with_auto_model_timm_pipeline_and_remote_code(hub, cifar
 FAST = [*FAST_TRAINING, "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]
 
 
+def train_and_push(dataset, out, repo_id: str, *extra: str, timeout: int = 600):
+    """A short real pretraining with `--push_to_hub` to `repo_id`; it must finish (rc 0) whatever the Hub does."""
+    result = run_pretrain(*FAST, "--dataset_name", str(dataset), "--output_dir", str(out), "--push_to_hub",
+                          "--hub_model_id", repo_id, *extra, timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_dataset, tmp_path):
     out = tmp_path / "run"
-    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
-                          "--hub_model_id", "tester/cifar-moco", "--hub_strategy", "every_save")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_and_push(small_dataset, out, "tester/cifar-moco", "--hub_strategy", "every_save")
     assert "Pushed to the Hub: tester/cifar-moco" in result.stdout
     commits = [r for r in hub.requests if r.startswith("POST /api/models/tester/cifar-moco/commit")]
     assert len(commits) == 3  # checkpoints at steps 2 and 4, then the final model
@@ -96,9 +102,7 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
 def test_push_to_a_branch(hub, small_dataset, tmp_path):
     # (--create_pr goes through the Hub's discussions API, which the local server does not speak: not tested here.)
     out = tmp_path / "run"
-    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
-                          "--hub_model_id", "tester/pr", "--hub_revision", "dev")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_and_push(small_dataset, out, "tester/pr", "--hub_revision", "dev")
     assert "POST /api/models/tester/pr/branch/dev" in hub.requests
     (commit,) = [r for r in hub.requests if r.startswith("POST /api/models/tester/pr/commit")]
     assert commit == "POST /api/models/tester/pr/commit/dev"
@@ -121,9 +125,7 @@ def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_pa
             closed.bind(("127.0.0.1", 0))
             monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
     out = tmp_path / "run"
-    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
-                          "--hub_model_id", "tester/failing", "--hub_strategy", strategy)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_and_push(small_dataset, out, "tester/failing", "--hub_strategy", strategy)
     assert result.stderr.count("Pushing to the Hub repo tester/failing failed") == 1
     assert "training goes on" in result.stderr
     assert "Pushed to the Hub" not in result.stdout
@@ -161,10 +163,8 @@ def silent_hub(monkeypatch, tmp_path):
 def test_a_hub_that_never_answers_costs_a_bounded_wait_at_the_end(silent_hub, small_dataset, tmp_path):
     out = tmp_path / "run"
     started = time.monotonic()
-    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--push_to_hub",
-                          "--hub_model_id", "tester/hung", "--hub_strategy", "every_save", "--hub_wait_seconds", "3",
-                          timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = train_and_push(small_dataset, out, "tester/hung", "--hub_strategy", "every_save", "--hub_wait_seconds",
+                            "3", timeout=300)  # fmt: skip
     assert "The Hub did not answer within 3 s" in result.stderr
     assert "not uploaded to tester/hung" in result.stderr and f"hf upload tester/hung {out / 'model'}" in result.stderr
     assert not list(out.glob(".hub-upload-*"))  # the snapshots made for the hung uploads are deleted
