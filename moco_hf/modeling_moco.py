@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -81,15 +82,30 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     Sample i belongs to group i % S, as in the official single-GPU CIFAR demo's SplitBatchNorm: viewing
     (N, C, H, W) as (N/S, S*C, H, W) makes each group a block of channels without copying. The key batch is
     shuffled before it gets here, so each group is a random subset, as each process's share is in multi-process
-    training. Running statistics are updated with the mean over the groups. With `num_splits == 1`, or in eval
-    mode, it is a plain `BatchNorm2d`; the state dict is the same, so checkpoints load into plain timm models.
+    training. With `num_splits == 1`, or in eval mode, it is a plain `BatchNorm2d`; the state dict is the same, so
+    checkpoints load into plain timm models.
+
+    Few ops per step, since a small-image GPU step waits on kernel launches: each group keeps its running
+    statistics (`grouped_running_mean`/`grouped_running_var`, S*C) from step to step, where the official layer
+    repeats and averages them on every call. `running_mean`/`running_var` are their mean over the groups -- the
+    official per-step averaging gives the same numbers, since an exponential moving average commutes with the
+    mean -- written back whenever they are used or read: in eval mode, plain training, `state_dict()`, or
+    `fold_running_stats()`.
     """
 
     num_splits: int = 1
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Non-persistent buffers: `.to()` moves them, checkpoints hold only the folded statistics.
+        self.register_buffer("grouped_running_mean", None, persistent=False)
+        self.register_buffer("grouped_running_var", None, persistent=False)
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.fold_running_stats())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         splits = self.num_splits
         if splits == 1 or not self.training:
+            self.fold_running_stats()
             return super().forward(x)
         n, c, h, w = x.shape
         if n % splits:
@@ -98,23 +114,44 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        running_mean = self.running_mean.repeat(splits) if self.running_mean is not None else None
-        running_var = self.running_var.repeat(splits) if self.running_var is not None else None
+            self._split_running_stats(splits)
         out = F.batch_norm(
             x.reshape(n // splits, splits * c, h, w),  # a view for contiguous (NCHW) activations
-            running_mean,
-            running_var,
-            self.weight.repeat(splits) if self.weight is not None else None,
-            self.bias.repeat(splits) if self.bias is not None else None,
+            self.grouped_running_mean,
+            self.grouped_running_var,
+            self.weight.repeat(splits) if self.affine else None,
+            self.bias.repeat(splits) if self.affine else None,
             training=True,
             momentum=factor,
             eps=self.eps,
         )
-        if running_mean is not None:
-            with torch.no_grad():
-                self.running_mean.copy_(running_mean.view(splits, c).mean(0))
-                self.running_var.copy_(running_var.view(splits, c).mean(0))
         return out.view(n, c, h, w)
+
+    def _split_running_stats(self, splits: int) -> None:
+        """Give each of `splits` groups a copy of the running statistics, unless the groups already hold them."""
+        if self.grouped_running_mean is not None and self.grouped_running_mean.numel() == splits * self.num_features:
+            return
+        self.fold_running_stats()
+        self.grouped_running_mean = self.running_mean.repeat(splits)
+        self.grouped_running_var = self.running_var.repeat(splits)
+
+    @torch.no_grad()
+    def fold_running_stats(self) -> None:
+        """Write the groups' mean running statistics into `running_mean`/`running_var` and drop the groups'."""
+        if self.grouped_running_mean is None:
+            return
+        torch.mean(self.grouped_running_mean.view(-1, self.num_features), 0, out=self.running_mean)
+        torch.mean(self.grouped_running_var.view(-1, self.num_features), 0, out=self.running_var)
+        self.grouped_running_mean = self.grouped_running_var = None
+
+    def train(self, mode: bool = True) -> SplitBatchNorm2d:
+        if not mode:
+            self.fold_running_stats()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.grouped_running_mean = self.grouped_running_var = None  # loaded statistics replace the groups'
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def batch_norm_groups(batch_size: int, num_splits: int) -> int:

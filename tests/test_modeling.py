@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_moco import ReferenceMoCo
+from reference_moco import ReferenceMoCo, ReferenceSplitBatchNorm
 from transformers import AutoConfig, AutoModel
 
 import moco_hf
@@ -111,15 +111,72 @@ def test_split_batch_norm_statistics_by_hand():
     x = torch.tensor([1.0, 10.0, 3.0, 14.0]).view(4, 1, 1, 1)
     # sample i is in group i % 2: group 0 = (1, 3): mean 2, biased var 1; group 1 = (10, 14): mean 12, biased var 4.
     torch.testing.assert_close(bn(x).flatten(), torch.tensor([-1.0, -1.0, 1.0, 1.0]))
-    # running stats: mean of the groups' updates, with unbiased variances 2 and 8.
-    assert bn.running_mean.item() == pytest.approx(0.9 * 0 + 0.1 * 7.0)
-    assert bn.running_var.item() == pytest.approx(0.9 * 1 + 0.1 * 5.0)
+    # each group tracks its own running stats (unbiased variances 2 and 8); the layer's are their mean, folded in
+    # when read through the state dict.
+    torch.testing.assert_close(bn.grouped_running_mean, torch.tensor([0.1 * 2.0, 0.1 * 12.0]))
+    torch.testing.assert_close(bn.grouped_running_var, torch.tensor([0.9 + 0.1 * 2.0, 0.9 + 0.1 * 8.0]))
+    state = bn.state_dict()
+    assert state["running_mean"].item() == pytest.approx(0.9 * 0 + 0.1 * 7.0)
+    assert state["running_var"].item() == pytest.approx(0.9 * 1 + 0.1 * 5.0)
+    assert "grouped_running_mean" not in state and bn.grouped_running_mean is None
     assert int(bn.num_batches_tracked) == 1
     bn.num_splits = 1  # a plain BatchNorm over the four samples: mean 7, biased var 27.5
     torch.testing.assert_close(bn(x).flatten(), (x.flatten() - 7.0) / 27.5**0.5)
     with pytest.raises(ValueError, match="divisible by num_splits=3"):
         bn.num_splits = 3
         bn(x)
+
+
+def test_split_batch_norm_matches_the_official_one_through_a_run():
+    """Outputs, gradients and running statistics equal the official demo's SplitBatchNorm (repeat and average every
+    step) along a run that changes the group count, trains plain, evaluates, loads a state and changes dtype."""
+    torch.manual_seed(0)
+    ours, official = SplitBatchNorm2d(6, momentum=0.3), ReferenceSplitBatchNorm(6, num_splits=1, momentum=0.3)
+    for layer in (ours, official):
+        torch.nn.init.uniform_(layer.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(layer.bias, -0.5, 0.5)
+    official.load_state_dict(ours.state_dict())
+    dtype = torch.float32
+
+    def step(splits: int, training: bool = True) -> None:
+        x = (torch.randn(24, 6, 3, 3, dtype=dtype) * torch.linspace(0.5, 3.0, 6, dtype=dtype).view(6, 1, 1)) + 1.0
+        grad = torch.randn_like(x)
+        outputs, grads = [], []
+        for layer in (ours, official):
+            layer.train(training).num_splits = splits
+            inputs = x.clone().requires_grad_(training)
+            out = layer(inputs)
+            outputs.append(out)
+            if training:
+                layer.zero_grad()
+                out.backward(grad)
+                grads.append([inputs.grad, layer.weight.grad, layer.bias.grad])
+        tolerance = {"atol": 1e-5, "rtol": 1e-5}  # float32 rounding, carried into float64 by the statistics
+        torch.testing.assert_close(outputs[0], outputs[1], **tolerance)
+        if training:
+            for ours_grad, official_grad in zip(*grads, strict=True):
+                torch.testing.assert_close(ours_grad, official_grad, **tolerance)
+
+    for splits in (4, 4, 4, 2, 2, 1, 8, 8):
+        step(splits)
+    step(8, training=False)  # eval normalises with the folded running statistics
+    for splits in (2, 2):
+        step(splits)
+    statistics = ["running_mean", "running_var"]  # the official layer leaves num_batches_tracked at 0
+    torch.testing.assert_close(
+        [ours.state_dict()[name] for name in statistics], [official.running_mean, official.running_var]
+    )
+    saved = copy.deepcopy(ours.state_dict())
+    for _ in range(3):
+        step(4)
+    ours.load_state_dict(saved), official.load_state_dict(saved)  # loaded statistics replace the groups'
+    step(4)
+    step(4)
+    ours.double(), official.double()  # the groups' statistics move with the layer
+    dtype = torch.float64
+    step(4)
+    step(4, training=False)
+    assert int(ours.num_batches_tracked) == 10 + 3  # the training steps up to `saved`, and after it
 
 
 def test_split_mode_encodes_keys_with_per_group_statistics(cifar_tensor):
