@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BENCHMARK_RESULTS_DIR elsewhere keeps a trial run (benchmarks/gpu_session.sh) from overwriting committed results.
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 
 def device_of_choice() -> torch.device:

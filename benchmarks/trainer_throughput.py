@@ -16,7 +16,8 @@ Main-job settings by default: ResNet-18 at 32 px, batch 128, K=1024, m=0.99, T=0
 
     pip install -e ".[bench]" && python benchmarks/trainer_throughput.py            # timm's stem
     python benchmarks/trainer_throughput.py --cifar_stem --steps 20 --window 5      # the main job's CIFAR stem
-    python benchmarks/trainer_throughput.py --batch_size 512 --mixed_precision bf16 --channels_last   # a GPU
+    python benchmarks/trainer_throughput.py --batch_size 512 --mixed_precision bf16 --channels_last \
+        --candidates "step alone" trainer                                           # a GPU
 """
 
 from __future__ import annotations
@@ -178,14 +179,15 @@ def main() -> None:
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no", help="Step alone and trainer.")
     parser.add_argument("--channels_last", action="store_true", help="Step alone and trainer.")
     parser.add_argument("--torch_compile", action="store_true", help="Step alone and trainer.")
+    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
     parser.add_argument("--role", choices=["step alone", "lightly loop"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role is not None:  # one measurement, in this fresh process
         print(step_alone(args) if args.role == "step alone" else lightly_loop(args))
         return
-    rates: dict[str, list[float]] = {candidate: [] for candidate in CANDIDATES}
+    rates: dict[str, list[float]] = {candidate: [] for candidate in args.candidates}
     for _ in range(args.rounds):
-        for candidate in CANDIDATES:
+        for candidate in args.candidates:
             rates[candidate].append(measure(candidate, args))
             print(f"{candidate}: {rates[candidate][-1]:.1f} images/s", flush=True)
     medians = {candidate: statistics.median(values) for candidate, values in rates.items()}
@@ -194,17 +196,19 @@ def main() -> None:
             "candidate": candidate,
             "images_per_s": medians[candidate],
             "per_round": [round(value, 1) for value in rates[candidate]],
-            "vs_step_alone": medians[candidate] / medians["step alone"],
-            "vs_lightly_loop": medians[candidate] / medians["lightly loop"],
+            **{
+                f"vs_{reference.replace(' ', '_')}": medians[candidate] / medians[reference]
+                for reference in ("step alone", "lightly loop")
+                if reference in medians
+            },
         }
-        for candidate in CANDIDATES
+        for candidate in args.candidates
     ]
     options = [name for name in ("cifar_stem", "channels_last", "torch_compile") if getattr(args, name)]
     options += ["bf16"] if args.mixed_precision == "bf16" else []
     name = "-".join(["trainer_throughput", *options])
     settings = {k: v for k, v in vars(args).items() if k != "role"} | {"device": str(device_of_choice())}
-    write_results(name, settings, rows, ["candidate", "images_per_s", "per_round", "vs_step_alone",
-                                         "vs_lightly_loop"],
+    write_results(name, settings, rows, list(rows[0]),
                   notes="Median images/s over windows after the first; each candidate in a fresh process, "
                   "interleaved over the rounds. The trainer uses its default shuffle (split BatchNorm in one "
                   "process); lightly's example has none.")  # fmt: skip
