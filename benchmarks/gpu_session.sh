@@ -9,11 +9,11 @@
 # Everything comes back as $OUT/gpu_session.tar.gz: results/ (the benchmarks' .md/.json, for benchmarks/results/,
 # and the recipe's results.json and knn_curve) and logs/ (one per step, machine.txt, summary.txt). Each step has
 # its own time limit; one that fails or runs out does not stop the others.
-# A dry run on the CPU with tiny settings: TINY=1 OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh
+# A dry run on the CPU with tiny settings: TINY=1 OUT=/tmp/gpu-dry RUN_PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
-PYTHON=${PYTHON:-python3}
+RUN_PYTHON=${RUN_PYTHON:-python3}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 BENCHMARK_RESULTS_DIR=$OUT/results
 mkdir -p "$OUT/results" "$OUT/logs"
 if [ ! -d ../shared/data/cifar10 ] && [ -d .device/cifar10 ]; then  # where moco_hf looks for the default data
@@ -34,19 +34,19 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit into logs/NA
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    "$PYTHON" -m pip list 2>/dev/null | grep -i -E "^(torch|torchvision|timm|transformers|datasets|accelerate|lightly) "
+    "$RUN_PYTHON" -m pip list 2>/dev/null | grep -i -E "^(torch|torchvision|timm|transformers|datasets|accelerate|lightly) "
 } >"$OUT/logs/machine.txt" 2>&1
 
-step cuda_tests 60 "$PYTHON" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py
-step split_batch_norm 40 "$PYTHON" benchmarks/split_batch_norm.py $(sized "--repeats 30" "--batch_size 16 --repeats 2")
-step step_overhead 70 "$PYTHON" benchmarks/step_overhead.py --queue_sizes 4096 \
+step cuda_tests 60 "$RUN_PYTHON" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py
+step split_batch_norm 40 "$RUN_PYTHON" benchmarks/split_batch_norm.py $(sized "--repeats 30" "--batch_size 16 --repeats 2")
+step step_overhead 70 "$RUN_PYTHON" benchmarks/step_overhead.py --queue_sizes 4096 \
     $(sized "--repeats 20" "--batch_size 16 --repeats 2 --warmup 1")
 throughput=(--cifar_stem --queue_size 4096 --rounds 1 --candidates "step alone" trainer
     $(sized "--batch_size 512 --steps 60 --window 10 --workers 8" "--batch_size 16 --steps 4 --window 2 --workers 1"))
-step trainer_throughput_fp32 90 "$PYTHON" benchmarks/trainer_throughput.py "${throughput[@]}"
-step trainer_throughput_bf16 90 "$PYTHON" benchmarks/trainer_throughput.py "${throughput[@]}" \
+step trainer_throughput_fp32 90 "$RUN_PYTHON" benchmarks/trainer_throughput.py "${throughput[@]}"
+step trainer_throughput_bf16 90 "$RUN_PYTHON" benchmarks/trainer_throughput.py "${throughput[@]}" \
     --mixed_precision bf16 --channels_last
-step reproduction 140 env PYTHON="$PYTHON" bash scripts/reproduce_cifar10.sh --output_dir "$OUT/reproduction" \
+step reproduction 140 env RUN_PYTHON="$RUN_PYTHON" bash scripts/reproduce_cifar10.sh --output_dir "$OUT/reproduction" \
     --mixed_precision bf16 --channels_last --dataloader_num_workers 8 --checkpointing_steps 100000 \
     $(sized "--max_train_minutes 1" "--max_train_steps 2 --per_device_train_batch_size 16 --knn_k 20
         --knn_max_train_samples 64 --knn_max_eval_samples 32 --dataloader_num_workers 1")

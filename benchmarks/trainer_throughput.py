@@ -7,6 +7,7 @@ Candidates, each in a fresh process, interleaved over `--rounds` (A, B, C, D, A,
 * `trainer`: `training/pretrain.py` as a user runs it (real CIFAR-10 parquet files, batched augmentation on the
   device, logging on; kNN monitor and checkpoints off), images/s from its `metrics.jsonl`;
 * `trainer, per-image augmentation`: the same with `--augment_on_device false` (torchvision v2 in the workers);
+* `trainer, bf16 autocast` (on request): the trainer with `--mixed_precision bf16`, against fp32 in one run;
 * `lightly loop`: lightly's MoCo v2 example over the same parquet files (`MoCoV2Transform` per image in 2 DataLoader
   workers, `MoCoProjectionHead`, `update_momentum`, `NTXentLoss` with a memory bank of K), the same timm backbone,
   batch, K, T, m and SGD settings.
@@ -42,6 +43,7 @@ from moco_hf.data import default_dataset_name, load_image_dataset
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
 CANDIDATES = ("step alone", "trainer", "trainer, per-image augmentation", "lightly loop")
+BF16_TRAINER = "trainer, bf16 autocast"  # on request (--candidates): bf16 against fp32 in one run
 
 
 def moco_config(args: argparse.Namespace) -> MocoConfig:
@@ -141,14 +143,14 @@ def lightly_loop(args: argparse.Namespace) -> float:
     return windowed_rate(step, args, device)
 
 
-def trainer(args: argparse.Namespace, on_device: bool) -> float:
+def trainer(args: argparse.Namespace, on_device: bool, mixed_precision: str) -> float:
     return trainer_images_per_second([
         "--preset", "v2", "--backbone", args.backbone, "--image_size", str(args.image_size), "--image_mean",
         *map(str, CIFAR_MEAN), "--image_std", *map(str, CIFAR_STD), "--per_device_train_batch_size",
         str(args.batch_size), "--learning_rate", str(args.learning_rate), "--momentum", str(args.momentum),
         "--queue_size", str(args.queue_size), "--max_train_steps", str(args.steps), "--logging_steps",
         str(args.window), "--knn_monitor", "false", "--dataloader_num_workers", str(args.workers),
-        "--augment_on_device", str(on_device).lower(), "--mixed_precision", args.mixed_precision,
+        "--augment_on_device", str(on_device).lower(), "--mixed_precision", mixed_precision,
         *(["--cifar_stem"] if args.cifar_stem else []), *(["--channels_last"] if args.channels_last else []),
         *(["--torch_compile"] if args.torch_compile else []),
     ])  # fmt: skip
@@ -157,7 +159,8 @@ def trainer(args: argparse.Namespace, on_device: bool) -> float:
 def measure(candidate: str, args: argparse.Namespace) -> float:
     """`candidate`'s images/s, from a fresh process (so that none inherits another's threads or caches)."""
     if candidate.startswith("trainer"):
-        return trainer(args, on_device=candidate == "trainer")
+        precision = "bf16" if candidate == BF16_TRAINER else args.mixed_precision
+        return trainer(args, on_device=candidate != "trainer, per-image augmentation", mixed_precision=precision)
     command = [sys.executable, __file__, "--role", candidate, *sys.argv[1:]]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return float(output.strip().splitlines()[-1])
@@ -179,7 +182,7 @@ def main() -> None:
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no", help="Step alone and trainer.")
     parser.add_argument("--channels_last", action="store_true", help="Step alone and trainer.")
     parser.add_argument("--torch_compile", action="store_true", help="Step alone and trainer.")
-    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=list(CANDIDATES))
+    parser.add_argument("--candidates", nargs="+", choices=[*CANDIDATES, BF16_TRAINER], default=list(CANDIDATES))
     parser.add_argument("--role", choices=["step alone", "lightly loop"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role is not None:  # one measurement, in this fresh process
@@ -206,6 +209,7 @@ def main() -> None:
     ]
     options = [name for name in ("cifar_stem", "channels_last", "torch_compile") if getattr(args, name)]
     options += ["bf16"] if args.mixed_precision == "bf16" else []
+    options += ["vs_bf16"] if BF16_TRAINER in args.candidates else []
     name = "-".join(["trainer_throughput", *options])
     settings = {k: v for k, v in vars(args).items() if k != "role"} | {"device": str(device_of_choice())}
     write_results(name, settings, rows, list(rows[0]),

@@ -7,16 +7,16 @@
 # are lightly's benchmark settings (83% at 200 epochs). Writes outputs/cifar10-reproduction/: results.json
 # (knn_top1, epochs, train_seconds, seconds_per_epoch, device, command), knn_curve.json/png, model/.
 # Extra arguments override, e.g. a wall-time budget: bash scripts/reproduce_cifar10.sh --max_train_minutes 9
-# On a GPU add --mixed_precision bf16 --channels_last. PYTHON=python3 runs it in an existing environment (with
-# moco-hf's dependencies) instead of setting up .venv.
+# On a GPU add --mixed_precision bf16 --channels_last. RUN_PYTHON=python3 runs it with an interpreter that already
+# has moco-hf's dependencies instead of setting up .venv (benchmarks/gpu_session.sh does, on a device machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
+if [ -z "${RUN_PYTHON:-}" ]; then
     bash scripts/setup.sh
-    PYTHON=.venv/bin/python
+    RUN_PYTHON=.venv/bin/python
 fi
 export HF_HUB_DISABLE_PROGRESS_BARS=1
-exec "$PYTHON" training/pretrain.py \
+exec "$RUN_PYTHON" training/pretrain.py \
     --preset v2 --backbone resnet18 --cifar_stem --image_size 32 \
     --image_mean 0.4913 0.4821 0.4465 --image_std 0.2452 0.2428 0.2606 \
     --queue_size 4096 --momentum 0.99 --softmax_temperature 0.1 --num_splits 8 \
