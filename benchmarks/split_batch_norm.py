@@ -34,8 +34,14 @@ from moco_hf import SplitBatchNorm2d
 LAYERS = {
     "BatchNorm2d (no split)": lambda channels, splits: nn.BatchNorm2d(channels),
     "official SplitBatchNorm": lambda channels, splits: ReferenceSplitBatchNorm(channels, num_splits=splits),
-    "moco_hf SplitBatchNorm2d": lambda channels, splits: SplitBatchNorm2d(channels),
+    "moco_hf SplitBatchNorm2d": lambda channels, splits: moco_hf_split_batch_norm(channels, splits),
 }
+
+
+def moco_hf_split_batch_norm(channels: int, splits: int) -> SplitBatchNorm2d:
+    layer = SplitBatchNorm2d(channels)
+    layer.num_splits = splits  # as `MocoModel` sets it for each forward in split mode
+    return layer
 
 
 def batch_norm_input_shapes(backbone: str, batch_size: int, image_size: int) -> list[torch.Size]:
@@ -89,8 +95,6 @@ def main() -> None:
     candidates, rows = {}, []
     for name, make in LAYERS.items():
         layers = [make(shape[1], args.num_splits).to(device).train() for shape in shapes]
-        for layer in layers:
-            layer.num_splits = args.num_splits if name != "BatchNorm2d (no split)" else 1
         for backward in (True, False):
 
             def run(layers=layers, backward=backward) -> None:

@@ -79,12 +79,12 @@ FAST_TRAINING = ["--backbone", "resnet18", "--image_size", "32", "--per_device_t
 def expected_skips(dataset_name: str, global_batch: int, steps: int, seed: int = 0) -> int:
     """Undecodable images a run without --streaming meets: the positions its steps read in each epoch's
     permutation, each undecodable one replaced by the next in that permutation (counting every failed try)."""
-    from moco_hf.data import GlobalOrder, decode_image, load_image_dataset
-
-    dataset = load_image_dataset(dataset_name, "train", streaming=False)
-    column = "image" if "image" in dataset.features else "img"
     from datasets import Image
 
+    from moco_hf.data import GlobalOrder, decode_image, find_image_column, load_image_dataset
+
+    dataset = load_image_dataset(dataset_name, "train", streaming=False)
+    column = find_image_column(dataset, None)
     values = dataset.cast_column(column, Image(decode=False))[column]
     broken = {row for row, value in enumerate(values) if decode_image(value) is None}
     order, skips = GlobalOrder(len(dataset), global_batch, seed), 0
