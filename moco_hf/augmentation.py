@@ -6,7 +6,9 @@ makes the query and the key view of the same image. One builder, `moco_view`, ma
 * v1 (official `main_moco.py`): crop scale (0.2, 1), grayscale p=0.2 then colour jitter (0.4, 0.4, 0.4, 0.4), flip;
 * v2 (`--aug-plus`): colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur p=0.5, flip;
 * v3 (BYOL's asymmetric pair): crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 1
-  always blurred and never solarized, view 2 blurred with p=0.1 and solarized with p=0.2.
+  always blurred and never solarized, view 2 blurred with p=0.1 and solarized with p=0.2;
+* cifar10-demo (the official CIFAR-10 demo notebook): crop scale (0.08, 1), jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
+  grayscale p=0.2, no blur, flip (the demo flips before the jitter; colour ops and a flip commute).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ class ViewRecipe:
 
 V1_VIEW = ViewRecipe(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True, blur_p=0.0)
 V3_VIEW = ViewRecipe(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
+CIFAR10_DEMO_VIEW = ViewRecipe(crop_scale=(0.08, 1.0), blur_p=0.0)
 RECIPES: dict[str, tuple[ViewRecipe, ViewRecipe]] = {  # (query view, key view)
     "v1": (V1_VIEW, V1_VIEW),
     "v2": (ViewRecipe(), ViewRecipe()),
     "v3": (replace(V3_VIEW, blur_p=1.0), replace(V3_VIEW, blur_p=0.1, solarize_p=0.2)),
+    "cifar10-demo": (CIFAR10_DEMO_VIEW, CIFAR10_DEMO_VIEW),
 }
 
 
@@ -129,7 +133,7 @@ def build_two_crops(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> TwoCropsTransform:
-    """The two-crop transform of recipe `"v1"`, `"v2"` or `"v3"` at crop size `size`."""
+    """The two-crop transform of recipe `"v1"`, `"v2"`, `"v3"` or `"cifar10-demo"` at crop size `size`."""
     if recipe not in RECIPES:
         raise ValueError(f"Unknown augmentation {recipe!r}; choose one of {sorted(RECIPES)}.")
     query_view, key_view = RECIPES[recipe]

@@ -27,7 +27,7 @@ from .configuration_moco import MocoConfig
 from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
 from .errors import DataError, UsageError
 from .export import timm_reference
-from .knn import extract_features
+from .knn import KNN_FEATURES, extract_features, moco_features
 from .modeling_moco import MocoModel
 
 logger = logging.getLogger("moco_hf.evaluation")
@@ -48,11 +48,16 @@ class FeatureArguments:
     batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Results and the feature cache."})
     seed: int = field(default=0, metadata={"help": "Seed of the random initialisation."})
+    feature: str = field(
+        default="backbone",
+        metadata={"help": "backbone: the pooled features that transfer; head: the projection head's output (a "
+                  "MocoModel's only; the official CIFAR demo's kNN).", "choices": KNN_FEATURES},
+    )  # fmt: skip
 
 
 @dataclass
 class Encoder:
-    encode: Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) normalised images -> (N, F) features
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]  # (N, 3, H, W) images -> {feature: (N, F)}
     image_size: int
     mean: list[float]
     std: list[float]
@@ -70,7 +75,7 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
         model.eval()
         settings = model.config
         return Encoder(
-            lambda images: model.get_image_features(images).pooler_output,
+            lambda images: moco_features(model, images),
             settings.image_size, list(settings.image_mean), list(settings.image_std),
             f"{settings.backbone} ({'random init' if random_init else name_or_path})",
         )  # fmt: skip
@@ -78,7 +83,7 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
         model = timm.create_model(timm_reference(name_or_path), pretrained=not random_init, num_classes=0).eval()
         data = timm.data.resolve_data_config({}, model=model)
         return Encoder(
-            model, data["input_size"][-1], list(data["mean"]), list(data["std"]),
+            lambda images: {"backbone": model(images)}, data["input_size"][-1], list(data["mean"]), list(data["std"]),
             f"{config['architecture']} ({'random init' if random_init else name_or_path})",
         )  # fmt: skip
     raise UsageError(f"{name_or_path} holds neither a MocoModel nor a timm encoder (config.json has neither "
@@ -97,7 +102,7 @@ def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tupl
         "model_files": _fingerprint(args.model_name_or_path),
     }
     key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "dataset_config_name",
-                                                   "image_column", "label_column")}  # fmt: skip
+                                                   "image_column", "label_column", "feature")}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = Path(args.output_dir) / "features" / f"{split}-{digest}.safetensors"
     if cache.is_file():
@@ -110,9 +115,13 @@ def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tupl
     transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
     pairs = labelled_images(dataset, image_column, label_column, limit=limit)
     with torch.inference_mode():
-        features, labels = extract_features(encoder.encode, pairs, transform, batch_size=args.batch_size)
-    if features.shape[0] == 0:
+        feature_sets, labels = extract_features(encoder.encode, pairs, transform, batch_size=args.batch_size)
+    if not feature_sets:
         raise DataError(f"split {split!r} of {dataset_name} has no decodable images.")
+    if args.feature not in feature_sets:
+        raise UsageError(f"{encoder.description} has no {args.feature!r} features (only {sorted(feature_sets)}): an "
+                         "exported encoder keeps the backbone alone.")  # fmt: skip
+    features = feature_sets[args.feature]
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({"features": features.contiguous(), "labels": labels}, cache)
     logger.info("Extracted %d features of split %r with %s.", features.shape[0], split, encoder.description)
@@ -152,6 +161,7 @@ def evaluation_main(
     results = {
         "encoder": encoder.description,
         "protocol": name,
+        "feature": args.feature,
         **metrics,
         "train_samples": train[0].shape[0],
         "eval_samples": evaluation[0].shape[0],

@@ -53,20 +53,34 @@ def weighted_knn_predict(
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
+KNN_FEATURES = ("backbone", "head")  # which representation of the query encoder a kNN measures
+
+
+def moco_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Both representations of a MoCo query encoder, from one forward pass: `"backbone"`, the pooled features
+    (N, num_features) that transfer downstream, and `"head"`, the projection head's output on them (N, dim), which
+    the official CIFAR-10 demo's kNN monitor reads."""
+    pooled = model.get_image_features(images).pooler_output
+    return {"backbone": pooled, "head": model.encoder_q.head(pooled)}
+
+
 @torch.no_grad()
 def extract_features(
-    encode: Callable[[torch.Tensor], torch.Tensor],
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     pairs: Iterable[tuple[object, int]],
     transform: Callable[[object], torch.Tensor],
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features (N, D) and labels (N,) of (image, label) pairs, encoded `batch_size` at a time."""
-    features, labels, images, batch_labels = [], [], [], []
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """L2-normalised features (N, D) of each kind `encode` returns (name -> features of a batch) and labels (N,) of
+    (image, label) pairs, encoded `batch_size` at a time."""
+    features: dict[str, list[torch.Tensor]] = {}
+    labels, images, batch_labels = [], [], []
 
     def flush() -> None:
         batch = torch.stack(images).to(device)
-        features.append(F.normalize(encode(batch).float(), dim=1).cpu())
+        for name, encoded in encode(batch).items():
+            features.setdefault(name, []).append(F.normalize(encoded.float(), dim=1).cpu())
         labels.extend(batch_labels)
         images.clear()
         batch_labels.clear()
@@ -78,9 +92,7 @@ def extract_features(
             flush()
     if images:
         flush()
-    if not features:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(features), torch.tensor(labels, dtype=torch.long)
+    return {name: torch.cat(parts) for name, parts in features.items()}, torch.tensor(labels, dtype=torch.long)
 
 
 def knn_accuracy(
@@ -141,11 +153,12 @@ def load_knn_datasets(splits: KnnSplits) -> tuple[dict[str, Dataset | IterableDa
 
 
 class KnnMonitor:
-    """Weighted kNN accuracy of the query backbone's features on a labelled bank/query split, across processes.
+    """Weighted kNN accuracy of the query encoder on a labelled bank/query split, across processes, for each of
+    `KNN_FEATURES` (one forward pass gives both); `feature` names the one reported as the run's kNN accuracy.
 
     Each process encodes its shard of both splits; the features are gathered, and every process computes the same
-    accuracy. Call it with the model (any module with `get_image_features`) whenever a measurement is wanted.
-    `query_description` names the images the accuracy is measured on (model cards and results record it).
+    accuracies. Call it with a `MocoModel` whenever a measurement is wanted. `query_description` names the images the
+    accuracy is measured on (model cards and results record it).
     """
 
     def __init__(
@@ -158,8 +171,12 @@ class KnnMonitor:
         k: int = 200,
         temperature: float = 0.1,
         batch_size: int = 256,
+        feature: str = "backbone",
     ) -> None:
+        if feature not in KNN_FEATURES:
+            raise UsageError(f"the kNN feature must be one of {KNN_FEATURES}, got {feature!r}.")
         self.accelerator, self.k, self.temperature, self.batch_size = accelerator, k, temperature, batch_size
+        self.feature = feature
         self.transform = evaluation_transform(image_size, mean, std)
         self.dataset_name = splits.dataset_name
         self.splits, self.query_description = load_knn_datasets(splits)
@@ -167,32 +184,38 @@ class KnnMonitor:
         self.label_column = find_label_column(self.splits["bank"], splits.label_column)
         self.num_classes = getattr(self.splits["bank"].features[self.label_column], "num_classes", None)
 
-    def _features(self, model: torch.nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, model: torch.nn.Module, role: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         accelerator = self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         dataset = shard_for_process(as_iterable(self.splits[role], world), rank, world)
         pairs = labelled_images(dataset, self.image_column, self.label_column, limit=None)
 
-        def encode(images: torch.Tensor) -> torch.Tensor:
+        def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
             with accelerator.autocast():
-                return model.get_image_features(images).pooler_output
+                return moco_features(model, images)
 
         features, labels = extract_features(encode, pairs, self.transform, self.batch_size, accelerator.device)
         gathered = gather_object([(features, labels)])
-        if not any(f.numel() for f, _ in gathered):
+        if not any(f for f, _ in gathered):
             raise DataError(
                 f"the kNN {role} of {self.dataset_name!r} hold no decodable image (column {self.image_column!r}); "
                 "pass --knn_monitor false to train without it."
             )
-        return torch.cat([f for f, _ in gathered if f.numel()]), torch.cat([lab for _, lab in gathered])
+        merged = {name: torch.cat([f[name] for f, _ in gathered if f]) for name in KNN_FEATURES}
+        return merged, torch.cat([lab for _, lab in gathered])
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> float:
-        """Top-1 accuracy in percent; the model is put in eval mode for the measurement and restored after."""
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        """Top-1 accuracy in percent for each of `KNN_FEATURES`; the model is put in eval mode for the measurement
+        and restored after."""
         was_training = model.training
         model.eval()
         bank, bank_labels = self._features(model, "bank")
         queries, query_labels = self._features(model, "queries")
         model.train(was_training)
         num_classes = self.num_classes or int(bank_labels.max()) + 1
-        return knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, self.k, self.temperature)
+        k, temperature = self.k, self.temperature
+        return {
+            name: knn_accuracy(bank[name], bank_labels, queries[name], query_labels, num_classes, k, temperature)
+            for name in KNN_FEATURES
+        }

@@ -23,21 +23,28 @@ def momentum_at(step: int, total_steps: int, base: float, schedule: str = "const
     return 1.0 - (1.0 - base) * cosine_decay(step, total_steps)
 
 
-def learning_rate_factor(step: int, schedule: str, total_steps: int, warmup_steps: int = 0) -> float:
+def learning_rate_factor(
+    step: int, schedule: str, total_steps: int, warmup_steps: int = 0, steps_per_epoch: int = 1
+) -> float:
     """Multiplier of the peak learning rate at `step`: a linear warmup over `warmup_steps`, then `schedule` over the
-    remaining steps ("cosine": `cosine_decay`; "step": x0.1 at 60% and 80% of training)."""
+    remaining steps ("cosine": `cosine_decay`; "step": x0.1 at 60% and 80% of training; "cosine-per-epoch": the
+    official CIFAR demo's, set at the start of each epoch e = 1, 2, ... of E to 0.5 * (1 + cos(pi * e / E)))."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress_step, decay_steps = step - warmup_steps, total_steps - warmup_steps
     if schedule == "cosine":
         return cosine_decay(progress_step, decay_steps)
+    if schedule == "cosine-per-epoch":
+        epochs = max(1, round(decay_steps / steps_per_epoch))
+        return cosine_decay(progress_step // steps_per_epoch + 1, epochs)
     progress = progress_step / max(1, decay_steps)
     return 0.1 ** sum(progress >= milestone for milestone in STEP_MILESTONES)
 
 
 def learning_rate_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0, steps_per_epoch: int = 1
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A `LambdaLR` stepping `learning_rate_factor` once per optimizer step (its position is in its state dict)."""
-    factor = partial(learning_rate_factor, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps)
+    factor = partial(learning_rate_factor, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps,
+                     steps_per_epoch=steps_per_epoch)  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

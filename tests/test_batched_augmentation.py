@@ -45,7 +45,7 @@ def frequency_matches(flags: torch.Tensor, p: float) -> bool:
     return abs(observed - p) <= 4.5 * math.sqrt(p * (1 - p) / len(flags)) + 1e-12
 
 
-@pytest.mark.parametrize("recipe,view", [("v1", 0), ("v2", 0), ("v3", 0), ("v3", 1)])
+@pytest.mark.parametrize("recipe,view", [("v1", 0), ("v2", 0), ("v3", 0), ("v3", 1), ("cifar10-demo", 0)])
 def test_parameter_laws_are_the_recipes(recipe, view):
     recipe_view = RECIPES[recipe][view]
     rows = sampled_rows(recipe_view)
@@ -178,7 +178,7 @@ def torchvision_view(image: torch.Tensor, row: torch.Tensor, view: BatchedView, 
     return TF.normalize(out, view.mean.flatten().tolist(), view.std.flatten().tolist())
 
 
-@pytest.mark.parametrize("recipe,view_index", [("v1", 0), ("v2", 0), ("v3", 1)])
+@pytest.mark.parametrize("recipe,view_index", [("v1", 0), ("v2", 0), ("v3", 1), ("cifar10-demo", 0)])
 def test_a_whole_view_is_torchvisions_ops_in_the_recipes_order(cifar_images, recipe, view_index):
     two_crops = BatchedTwoCrops(recipe, 32, (0.5, 0.45, 0.4), (0.25, 0.24, 0.26))
     items = [two_crops.loader_item(image, seed) for seed, image in enumerate(cifar_images[0][:48])]

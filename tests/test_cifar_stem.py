@@ -1,6 +1,7 @@
 """`MocoConfig(cifar_stem=True)`: the official CIFAR demo's ResNet (3x3/1 first conv, no max-pool) from timm's."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -45,6 +46,36 @@ def test_the_backbone_is_the_official_demo_network(cifar_tensor):
     plain = MocoModel(MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64))
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert model.state_dict()["encoder_q.backbone.conv1.weight"].shape == (64, 3, 3, 3)
+
+
+def official_demo_model_base(feature_dim: int = 128) -> nn.Module:
+    """The demo's `ModelBase` (in eval mode, where its SplitBatchNorm is a BatchNorm): torchvision's resnet18 with
+    `num_classes=feature_dim`, conv1 3x3/1, no max-pool; its own fc is the MoCo head."""
+    net = torchvision.models.resnet18(num_classes=feature_dim)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net.eval()
+
+
+def test_the_demo_preset_builds_the_demos_network_and_recipe(cifar_tensor):
+    config = MocoConfig.from_preset("cifar10-demo")
+    model = MocoModel(config).eval()
+    reference = official_demo_model_base()
+    ours = {name.replace("backbone.", "", 1).replace("head.", "fc.", 1): tensor
+            for name, tensor in model.encoder_q.state_dict().items()}  # fmt: skip
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    reference.load_state_dict(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder_q(cifar_tensor[:8]), reference(cifar_tensor[:8]), atol=1e-5, rtol=0)
+    # torchvision's initialisation: no zero-initialised last BatchNorm in the blocks (timm's default).
+    blocks = [block for layer in (1, 2, 3, 4) for block in getattr(model.encoder_q.backbone, f"layer{layer}")]
+    assert all(torch.equal(block.bn2.weight, torch.ones_like(block.bn2.weight)) for block in blocks)
+    # The notebook's arguments: K, m, T, asymmetric loss, bn_splits, wd, lr 0.06 at batch 512.
+    assert (config.queue_size, config.momentum, config.softmax_temperature, config.symmetric_loss) == (
+        4096, 0.99, 0.1, False)  # fmt: skip
+    assert (config.shuffle_bn, config.num_splits, config.weight_decay, config.optimizer) == ("split", 8, 5e-4, "sgd")
+    assert config.base_learning_rate * 512 / 256 == pytest.approx(0.06) and config.sgd_momentum == 0.9
+    assert (config.image_size, config.image_mean) == (32, [0.4914, 0.4822, 0.4465])
 
 
 def test_saves_and_loads_with_auto_model_and_with_remote_code_alone(cifar_tensor, tmp_path):
@@ -114,21 +145,37 @@ def run_recipe(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_reproduction_recipe_runs_end_to_end_and_writes_its_curve(small_dataset, tmp_path):
+def test_the_reproduction_recipe_runs_the_first_epochs_of_the_demos_schedule(small_dataset, tmp_path):
     out = tmp_path / "recipe"
-    result = run_recipe("--dataset_name", str(small_dataset), "--num_train_epochs", "2", "--output_dir", str(out))
+    common = ["--dataset_name", str(small_dataset), "--output_dir", str(out)]  # 200 epochs of 12 steps by default
+    result = run_recipe(*common, "--stop_after_epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert {"knn_top1", "epochs", "train_seconds", "seconds_per_epoch", "device", "command"} <= results.keys()
-    assert results["epochs"] == 2 and results["steps"] == 24 and "--cifar_stem" in results["command"]
-    assert results["seconds_per_epoch"] == pytest.approx(results["train_seconds"] / 2)
+    assert results["epochs"] == 2 and results["steps"] == 24 and "cifar10-demo" in results["command"]
+    assert results["knn_feature"] == "head" and results["seconds_per_epoch"] == pytest.approx(
+        results["train_seconds"] / 2
+    )
     curve = json.loads((out / "knn_curve.json").read_text())
-    assert [point["epoch"] for point in curve] == [0, 1, 2]  # the random encoder, then every epoch
-    assert curve[-1]["knn_top1"] == results["knn_top1"]
+    assert [point["epoch"] for point in curve] == [1, 2]  # every epoch, both features
+    assert all(0 <= point["knn_top1_head"] <= 100 and 0 <= point["knn_top1_backbone"] <= 100 for point in curve)
+    assert curve[-1]["knn_top1"] == curve[-1]["knn_top1_head"] == results["knn_top1"]
     assert (out / "knn_curve.png").stat().st_size > 5_000
-    run_config = json.loads((out / "run_config.json").read_text())
-    assert (run_config["queue_size"], run_config["momentum"], run_config["softmax_temperature"]) == (64, 0.99, 0.1)
-    assert AutoModel.from_pretrained(out / "model").config.cifar_stem
+    # The stop leaves the 200-epoch schedule alone: each epoch's lr is the demo's formula for its epoch.
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr_of_step = {row["step"]: row["lr"] for row in metrics}
+    for step in (4, 12, 16, 24):  # logged every 4 steps
+        epoch = (step - 1) // 12 + 1
+        assert lr_of_step[step] == pytest.approx(0.06 * 0.5 * (1 + math.cos(math.pi * epoch / 200)), rel=1e-9)
+    config = AutoModel.from_pretrained(out / "model").config
+    assert (config.queue_size, config.momentum, config.softmax_temperature, config.mlp) == (64, 0.99, 0.1, False)
+    assert config.cifar_stem and config.augmentation == "cifar10-demo" and config.image_std == [0.2023, 0.1994, 0.201]
+
+    resumed = run_recipe(*common, "--stop_after_epochs", "3", "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    curve = json.loads((out / "knn_curve.json").read_text())
+    assert [point["epoch"] for point in curve] == [1, 2, 3]
+    assert json.loads((out / "results.json").read_text())["steps"] == 36
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO_ROOT, launch
 
 from moco_hf import MocoConfig, MocoModel, export_encoder
@@ -98,3 +99,46 @@ def test_evaluation_commands_on_real_images(script, exported, random_moco, small
     assert len(list((out / "features").glob("*.safetensors"))) == 2
     assert "Extracted 100 features of split 'test'" in test_run.stderr
     assert "of split 'train'" not in test_run.stderr
+
+
+def demo_knn_predict(feature, feature_bank, feature_labels, classes, knn_k, knn_t):
+    """The official CIFAR demo's `knn_predict`, transcribed (feature_bank is D x N)."""
+    sim_matrix = torch.mm(feature, feature_bank)
+    sim_weight, sim_indices = sim_matrix.topk(k=knn_k, dim=-1)
+    sim_labels = torch.gather(feature_labels.expand(feature.size(0), -1), dim=-1, index=sim_indices)
+    sim_weight = (sim_weight / knn_t).exp()
+    one_hot_label = torch.zeros(feature.size(0) * knn_k, classes, device=sim_labels.device)
+    one_hot_label = one_hot_label.scatter(dim=-1, index=sim_labels.view(-1, 1), value=1.0)
+    pred_scores = torch.sum(one_hot_label.view(feature.size(0), -1, classes) * sim_weight.unsqueeze(dim=-1), dim=1)
+    return pred_scores.argsort(dim=-1, descending=True)
+
+
+def test_the_knn_monitor_measures_the_head_as_the_demo_and_the_backbone_beside_it(cifar10_dir):
+    from accelerate import Accelerator
+    from datasets import load_dataset
+    from torchvision.transforms.v2.functional import normalize, pil_to_tensor
+
+    from moco_hf.knn import KnnMonitor, KnnSplits
+
+    config = MocoConfig.from_preset("cifar10-demo", queue_size=64)
+    model = MocoModel(config).eval()
+    splits = KnnSplits(str(cifar10_dir), max_bank_samples=300, max_query_samples=100)
+    monitor = KnnMonitor(splits, Accelerator(cpu=True), 32, config.image_mean, config.image_std, k=20,
+                         temperature=0.1, batch_size=128, feature="head")  # fmt: skip
+    accuracies = monitor(model)
+
+    # The demo's test(): its test_transform (ToTensor, Normalize), net = the query encoder, features normalised.
+    def features_and_labels(split: str, rows: int, net) -> tuple[torch.Tensor, torch.Tensor]:
+        data = load_dataset(str(cifar10_dir), split=f"{split}[:{rows}]")
+        images = torch.stack([pil_to_tensor(row["image"].convert("RGB")) for row in data]).float() / 255
+        with torch.no_grad():
+            features = net(normalize(images, config.image_mean, config.image_std))
+        return F.normalize(features, dim=1), torch.tensor(data["label"])
+
+    nets = {"head": model.encoder_q, "backbone": model.encoder_q.backbone}
+    for name, net in nets.items():
+        bank, bank_labels = features_and_labels("train", 300, net)
+        queries, query_labels = features_and_labels("test", 100, net)
+        predicted = demo_knn_predict(queries, bank.t().contiguous(), bank_labels, 10, 20, 0.1)[:, 0]
+        expected = 100.0 * (predicted == query_labels).float().mean().item()
+        assert accuracies[name] == pytest.approx(expected, abs=1.0), name  # one query in 100 for float ties

@@ -1,12 +1,15 @@
 """The papers' augmentation recipes and the run's schedules, checked against transcriptions and hand values."""
 
+import json
 import math
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from torchvision.transforms import v2
 
 from moco_hf.augmentation import build_two_crops
+from moco_hf.configuration_moco import MocoConfig
 from moco_hf.schedules import learning_rate_factor, learning_rate_scheduler, momentum_at
 
 
@@ -51,10 +54,16 @@ OFFICIAL = {
         [("crop", (32, (0.08, 1.0), RATIO), 1.0), ("jitter", ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)), 0.8),
          ("grayscale", (), 0.2), ("blur", ((3, 3), (0.1, 2.0)), 0.1), ("solarize", (128,), 0.2), ("flip", (), 0.5)],
     ],
+    # colab/moco_cifar10_demo.ipynb: RandomResizedCrop(32), flip, RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)],
+    # p=0.8), RandomGrayscale(0.2); its flip comes first (it commutes with the colour ops).
+    "cifar10-demo": [
+        [("crop", (32, (0.08, 1.0), RATIO), 1.0), ("jitter", ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)), 0.8),
+         ("grayscale", (), 0.2), ("flip", (), 0.5)],
+    ] * 2,
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("recipe", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("recipe", ["v1", "v2", "v3", "cifar10-demo"])
 def test_each_recipe_is_the_papers(recipe):
     two_crops = build_two_crops(recipe, 32)
     assert [describe(two_crops.transform), describe(two_crops.key_transform)] == OFFICIAL[recipe]
@@ -90,3 +99,16 @@ def test_the_scheduler_steps_the_optimizer_through_the_same_factors():
 def test_momentum_follows_the_same_cosine_up_to_one():
     assert momentum_at(5, 10, 0.99, "constant") == 0.99
     assert [momentum_at(s, 10, 0.99, "cosine") for s in (0, 5, 10)] == pytest.approx([0.99, 0.995, 1.0])
+
+
+def test_the_demos_per_epoch_cosine_gives_the_learning_rates_its_log_printed():
+    # The notebook's adjust_learning_rate: lr = 0.06 * 0.5 * (1 + cos(pi * epoch / 200)) at the start of each epoch
+    # (counted from 1), printed to 6 decimals in its log; 97 steps an epoch.
+    log = json.loads((REPO_ROOT / "benchmarks" / "references" / "moco_cifar10_demo_log.json").read_text())
+    printed = {row[0]: row[3] for row in log["rows"]}
+    config = MocoConfig.from_preset("cifar10-demo")
+    peak = config.base_learning_rate * 512 / 256
+    for epoch in (1, 2, 10, 100, 199, 200):
+        for step in ((epoch - 1) * 97, epoch * 97 - 1):  # first and last step of the epoch
+            lr = peak * learning_rate_factor(step, config.lr_schedule, total_steps=200 * 97, steps_per_epoch=97)
+            assert round(lr, 6) == pytest.approx(printed[epoch], abs=1e-6), (epoch, step)

@@ -50,7 +50,7 @@ from moco_hf.checkpointing import (
     save_checkpoint,
     set_aside_newer_checkpoints,
 )
-from moco_hf.configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, SHUFFLE_BN_MODES
+from moco_hf.configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, PRESETS, SHUFFLE_BN_MODES
 from moco_hf.data import (
     HUB_CIFAR10,
     GlobalOrder,
@@ -73,7 +73,7 @@ from moco_hf.data import (
 from moco_hf.errors import DataError, RunError, UsageError, first_line
 from moco_hf.hub_upload import HubPublisher
 from moco_hf.image_processing import image_processor_for
-from moco_hf.knn import KnnMonitor, KnnSplits
+from moco_hf.knn import KNN_FEATURES, KnnMonitor, KnnSplits
 from moco_hf.model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
 from moco_hf.optimization import build_optimizer
 from moco_hf.plotting import plot_knn_curve, plot_training_curves
@@ -86,7 +86,7 @@ logger = logging.getLogger("moco_hf.pretrain")
 @dataclass
 class ModelArguments:
     preset: Literal[PRESET_NAMES] = field(default="v2", metadata={"help": "Paper recipe (v3-vit: v3 for ViTs)."})
-    backbone: str = field(default="resnet18", metadata={"help": "timm model name."})
+    backbone: str | None = field(default=None, metadata={"help": "timm model name (preset's, else resnet18)."})
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
     dim: int | None = field(default=None, metadata={"help": "Embedding dimension (preset: 128)."})
     queue_size: int | None = field(default=None, metadata={"help": "K, negatives in the queue (preset: 65536)."})
@@ -97,7 +97,7 @@ class ModelArguments:
     projector_layers: int | None = field(default=None, metadata={"help": "Layers of the MLP head (v3 ViT: 3)."})
     symmetric_loss: bool | None = field(default=None, metadata={"help": "Both views as queries (preset: v3)."})
     freeze_patch_embed: bool | None = field(default=None, metadata={"help": "v3 ViT trick: frozen patch embed."})
-    num_splits: int = field(default=8, metadata={"help": "BatchNorm groups of the 'split' emulation."})
+    num_splits: int | None = field(default=None, metadata={"help": "BatchNorm groups of 'split' (preset: 8)."})
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Start from these weights: a saved MocoModel (folder or Hub id), or a timm model with "
@@ -105,7 +105,9 @@ class ModelArguments:
                   "both backbones (domain-adaptive pretraining)."},
     )  # fmt: skip
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the Hub model's own code to load."})
-    cifar_stem: bool = field(default=False, metadata={"help": "ResNets on 32 px: 3x3/1 first conv, no max-pool."})
+    cifar_stem: bool | None = field(
+        default=None, metadata={"help": "ResNets on 32 px: 3x3/1 first conv, no max-pool (preset: off)."}
+    )
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
 
 
@@ -121,13 +123,13 @@ class DataArguments:
     shuffle_buffer_size: int = field(
         default=10_000, metadata={"help": "Shuffle buffer of --streaming (otherwise every epoch is fully shuffled)."}
     )
-    image_size: int = field(default=224, metadata={"help": "Crop size: 32 for CIFAR-size images, 224 for ImageNet."})
-    image_mean: list[float] = field(
-        default_factory=lambda: list(IMAGENET_DEFAULT_MEAN), metadata={"help": "Per-channel mean (ImageNet's)."}
+    image_size: int | None = field(
+        default=None, metadata={"help": "Crop size: 32 for CIFAR-size images (preset's, else 224 for ImageNet)."}
     )
-    image_std: list[float] = field(
-        default_factory=lambda: list(IMAGENET_DEFAULT_STD), metadata={"help": "Per-channel std (ImageNet's)."}
-    )
+    image_mean: list[float] | None = field(default=None, metadata={"help": "Per-channel mean (preset's, else "
+                                                                    "ImageNet's)."})  # fmt: skip
+    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std (preset's, else "
+                                                                  "ImageNet's)."})  # fmt: skip
     dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     augment_on_device: bool = field(
         default=True,
@@ -142,6 +144,11 @@ class DataArguments:
     knn_max_eval_samples: int | None = field(default=2_000, metadata={"help": "Query count cap (None: all)."})
     knn_k: int = field(default=200, metadata={"help": "Neighbours of the weighted kNN."})
     knn_temperature: float = field(default=0.1, metadata={"help": "Temperature of the kNN weights."})
+    knn_feature: Literal[KNN_FEATURES] = field(
+        default="backbone",
+        metadata={"help": "The kNN accuracy reported: backbone (pooled features that transfer) or head (projection "
+                  "output, the official CIFAR demo's). Both are recorded in knn_curve.json."},
+    )  # fmt: skip
 
 
 @dataclass
@@ -164,6 +171,11 @@ class TrainArguments:
     warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
     num_train_epochs: float = field(default=200, metadata={"help": "Passes over the data (fractions allowed)."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs."})
+    stop_after_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Stop (evaluate and save) after this many epochs, leaving the schedules on "
+                  "--num_train_epochs / --max_train_steps: the first epochs of a longer run; resume to go on."},
+    )  # fmt: skip
     max_train_minutes: float | None = field(
         default=None, metadata={"help": "Wall-time budget: stop, evaluate and save once training has run this long."}
     )
@@ -215,22 +227,24 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
         raise UsageError(f"{first_line(error)} (see --help).") from error
 
 
+# What the command uses where neither a flag nor the preset says (MocoConfig's own defaults are ResNet-50's).
+COMMAND_DEFAULTS = {"backbone": "resnet18", "image_size": 224, "image_mean": list(IMAGENET_DEFAULT_MEAN),
+                    "image_std": list(IMAGENET_DEFAULT_STD)}  # fmt: skip
+
+
 def build_config(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> MocoConfig:
     """The preset's recipe, with every field given on the command line taking precedence."""
-    overrides = {
-        "backbone": model_args.backbone,
-        "backbone_kwargs": json.loads(model_args.backbone_kwargs) if model_args.backbone_kwargs else {},
-        "num_splits": model_args.num_splits,
-        "cifar_stem": model_args.cifar_stem,
-        # The preprocessing the encoder expects, recorded for exports and model cards.
-        "image_size": data_args.image_size,
-        "image_mean": list(data_args.image_mean),
-        "image_std": list(data_args.image_std),
-    }
-    for name in ("dim", "queue_size", "momentum", "softmax_temperature", "mlp", "shuffle_bn", "projector_layers",
-                 "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
+    overrides = {name: value for name, value in COMMAND_DEFAULTS.items() if name not in PRESETS[model_args.preset]}
+    if model_args.backbone_kwargs is not None:
+        overrides["backbone_kwargs"] = json.loads(model_args.backbone_kwargs)
+    for name in ("backbone", "cifar_stem", "num_splits", "dim", "queue_size", "momentum", "softmax_temperature",
+                 "mlp", "shuffle_bn", "projector_layers", "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
+    # The preprocessing the encoder expects, recorded for exports and model cards.
+    for name in ("image_size", "image_mean", "image_std"):
+        if getattr(data_args, name) is not None:
+            overrides[name] = getattr(data_args, name)
     for name, config_name in (("optimizer", "optimizer"), ("lr_scheduler_type", "lr_schedule"),
                               ("weight_decay", "weight_decay")):  # fmt: skip
         if getattr(train_args, name) is not None:
@@ -320,7 +334,7 @@ def plan_data(data_args: DataArguments, train_args: TrainArguments, accelerator:
 def build_augmentation(config: MocoConfig, data_args: DataArguments) -> TwoCropPipeline:
     """The recipe's two crops: batched on the training device, or per image in the loader workers."""
     build = BatchedTwoCrops if data_args.augment_on_device else build_two_crops
-    return build(config.augmentation, data_args.image_size, data_args.image_mean, data_args.image_std)
+    return build(config.augmentation, config.image_size, config.image_mean, config.image_std)
 
 
 def build_loader(plan: DataPlan, two_crops: TwoCropPipeline, train_args: TrainArguments, accelerator: Accelerator,
@@ -417,7 +431,11 @@ def run_settings(config: MocoConfig, plan: DataPlan, data_args: DataArguments, t
 
 
 def build_knn_monitor(
-    data_args: DataArguments, train_args: TrainArguments, dataset_name: str, accelerator: Accelerator
+    config: MocoConfig,
+    data_args: DataArguments,
+    train_args: TrainArguments,
+    dataset_name: str,
+    accelerator: Accelerator,
 ) -> KnnMonitor:
     splits = KnnSplits(
         dataset_name=data_args.eval_dataset_name or dataset_name,
@@ -431,8 +449,9 @@ def build_knn_monitor(
         streaming=data_args.streaming,
         cache_dir=data_args.cache_dir,
     )
-    return KnnMonitor(splits, accelerator, data_args.image_size, data_args.image_mean, data_args.image_std,
-                      data_args.knn_k, data_args.knn_temperature, train_args.per_device_eval_batch_size)  # fmt: skip
+    return KnnMonitor(splits, accelerator, config.image_size, config.image_mean, config.image_std, data_args.knn_k,
+                      data_args.knn_temperature, train_args.per_device_eval_batch_size,
+                      data_args.knn_feature)  # fmt: skip
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -509,9 +528,11 @@ def record_knn(run: Run, state: TrainerState) -> float | None:
     """kNN top-1 now (None with the monitor off), added to the history and the trackers."""
     if run.knn is None:
         return None
-    accuracy = run.knn(run.moco)
-    state.knn_history.append({"step": state.completed_steps, "knn_top1": accuracy})
-    run.accelerator.log({"knn_top1": accuracy}, step=state.completed_steps)
+    accuracies = {f"knn_top1_{feature}": value for feature, value in run.knn(run.moco).items()}
+    accuracy = accuracies[f"knn_top1_{run.knn.feature}"]
+    state.knn_history.append({"step": state.completed_steps, "knn_top1": accuracy, **accuracies,
+                              "train_seconds": run.training_seconds()})  # fmt: skip
+    run.accelerator.log({"knn_top1": accuracy, **accuracies}, step=state.completed_steps)
     return accuracy
 
 
@@ -552,7 +573,7 @@ def training_summary(run: Run, state: TrainerState) -> TrainingSummary:
             "global batch size": run.plan.global_batch,
             "optimizer": optimizer,
             "learning rate": f"{run.learning_rate:.4g} ({config.lr_schedule} schedule)",
-            "crop size": run.data_args.image_size,
+            "crop size": config.image_size,
             "mixed precision": run.accelerator.mixed_precision,
         },
         results=results,
@@ -578,10 +599,13 @@ class MetricsWindow:
 
     def __init__(self) -> None:
         self.start, self.images, self.loss, self.top1, self.steps = time.perf_counter(), 0, 0.0, 0.0, 0
+        self.lr = math.nan
 
-    def add(self, loss: float, top1: float, images: int) -> None:
+    def add(self, loss: float, top1: float, images: int, lr: float) -> None:
+        """One micro-batch's loss, contrastive top-1 and images, trained at learning rate `lr`."""
         self.loss, self.top1, self.images, self.steps = self.loss + loss, self.top1 + top1, self.images + images, \
             self.steps + 1  # fmt: skip
+        self.lr = lr
 
     def metrics(self, run: Run, state: TrainerState) -> dict[str, float]:
         """The `metrics.jsonl` row of this window."""
@@ -591,7 +615,7 @@ class MetricsWindow:
             "epoch": step / run.plan.steps_per_epoch,
             "loss": self.loss / self.steps,
             "contrastive_top1": 100.0 * self.top1 / self.steps,
-            "lr": run.scheduler.get_last_lr()[0],
+            "lr": self.lr,  # the last step's (the scheduler already holds the next one's)
             "images_per_second": self.images / (time.perf_counter() - self.start),
             "queue_fill": min(1.0, step * run.plan.global_batch / max(1, run.config.queue_size)),
             "skipped_images": state.skipped_images,
@@ -613,6 +637,7 @@ def training_step(run: Run, state: TrainerState, data: Iterator[dict[str, Any]],
     accelerator, moco = run.accelerator, run.moco
     moco.key_momentum = momentum_at(state.completed_steps, run.plan.total_steps, run.config.momentum,
                                     run.config.momentum_schedule)  # fmt: skip
+    lr = run.scheduler.get_last_lr()[0]
     for _ in range(run.args.gradient_accumulation_steps):
         batch = next_batch(data)
         state.skipped_images += batch["skipped"]
@@ -635,7 +660,7 @@ def training_step(run: Run, state: TrainerState, data: Iterator[dict[str, Any]],
                 "checkpoint is intact; lower --learning_rate or set --max_grad_norm and resume from it."
             )
         top1 = (output.logits.argmax(dim=1) == output.labels).float().mean().item()
-        window.add(loss, top1, query.shape[0] * accelerator.num_processes)
+        window.add(loss, top1, query.shape[0] * accelerator.num_processes, lr)
     state.completed_steps += 1
 
 
@@ -650,21 +675,24 @@ def out_of_time(run: Run) -> bool:
 
 
 def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]], stop: StopSignal) -> None:
-    """Steps until `total_steps`, the wall-time budget or a stop signal, logging, kNN monitoring and checkpointing
-    on the way."""
+    """Steps until `total_steps` (or `--stop_after_epochs`), the wall-time budget or a stop signal, logging, kNN
+    monitoring and checkpointing on the way."""
     args, plan = run.args, run.plan
     eval_every_steps = int(args.eval_every * plan.steps_per_epoch) if args.eval_every and run.knn else None
-    progress = tqdm(total=plan.total_steps, initial=state.completed_steps,
+    stop_step = plan.total_steps
+    if args.stop_after_epochs is not None:
+        stop_step = min(stop_step, round(args.stop_after_epochs * plan.steps_per_epoch))
+    progress = tqdm(total=stop_step, initial=state.completed_steps,
                     disable=not run.accelerator.is_local_main_process, desc="MoCo")  # fmt: skip
     run.model.train()
     window = MetricsWindow()
     try:
-        while state.completed_steps < plan.total_steps:
+        while state.completed_steps < stop_step:
             training_step(run, state, data, window)
             progress.update(1)
             if stop.received:
                 return
-            step, last = state.completed_steps, state.completed_steps == plan.total_steps
+            step, last = state.completed_steps, state.completed_steps == stop_step
             over_budget = out_of_time(run)
             if step % args.logging_steps == 0 or last or over_budget:
                 log_metrics(run, window.metrics(run, state), progress)
@@ -688,6 +716,7 @@ def write_results(run: Run, state: TrainerState, accuracy: float | None) -> dict
         "knn_top1_initial": history[0]["knn_top1"] if history and history[0]["step"] == 0 else None,
         "knn_dataset": run.knn.dataset_name if run.knn else None,
         "knn_split": run.knn.query_description if run.knn else None,
+        "knn_feature": run.knn.feature if run.knn else None,
         "steps": state.completed_steps,
         "epochs": epochs,
         "global_batch_size": run.plan.global_batch,
@@ -753,7 +782,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     learning_rate = train_args.learning_rate or config.base_learning_rate * plan.global_batch / 256
     optimizer = build_optimizer(model, config, learning_rate)
     scheduler = learning_rate_scheduler(optimizer, config.lr_schedule, plan.total_steps,
-                                        warmup_steps(train_args, plan.total_steps))  # fmt: skip
+                                        warmup_steps(train_args, plan.total_steps), plan.steps_per_epoch)  # fmt: skip
     lock = None
     if accelerator.is_main_process:
         check_output_dir(output_dir, model)
@@ -762,7 +791,8 @@ def setup(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     settings = run_settings(config, plan, data_args, train_args, learning_rate, accelerator.num_processes)
     state = resume(train_args, output_dir, accelerator, settings)
-    knn = build_knn_monitor(data_args, train_args, plan.dataset_name, accelerator) if train_args.knn_monitor else None
+    knn = build_knn_monitor(config, data_args, train_args, plan.dataset_name, accelerator) \
+        if train_args.knn_monitor else None  # fmt: skip
     if train_args.create_pr and train_args.hub_revision:
         raise UsageError("--create_pr opens a pull request against the default branch; drop --hub_revision.")
     repo_id = train_args.hub_model_id or output_dir.resolve().name  # also the model card's title
