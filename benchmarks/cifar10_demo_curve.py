@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+from matplotlib.ticker import MaxNLocator
+
 from benchmarks.common import RESULTS
 from moco_hf.plotting import plt, read_metrics, save_figure
 
 REFERENCE = Path(__file__).resolve().parent / "references" / "moco_cifar10_demo_log.json"
 TOLERANCE = 1.5  # points of kNN top-1 from epoch 3 on
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def demo_log() -> dict:
@@ -31,16 +41,22 @@ def demo_log() -> dict:
     return log
 
 
+def knn_history(run: Path) -> list[dict]:
+    """The kNN measurements so far: from the newest checkpoint, so that a run stopped by a signal (which saves a
+    checkpoint but writes no knn_curve.json) counts too."""
+    newest = max((run / "checkpoints").glob("step_*"), key=lambda path: int(path.name.removeprefix("step_")))
+    return json.loads((newest / "trainer_state.json").read_text())["knn_history"]
+
+
 def epoch_rows(run: Path) -> list[dict]:
     """Per whole epoch of the run: both kNN accuracies, the mean loss, the lr, training seconds and images seen."""
-    curve = json.loads((run / "knn_curve.json").read_text())
-    metrics = read_metrics(run / "metrics.jsonl")
     run_config = json.loads((run / "run_config.json").read_text())
-    steps_per_epoch = round(curve[-1]["step"] / curve[-1]["epoch"])
+    metrics = read_metrics(run / "metrics.jsonl")
     global_batch = run_config["per_device_train_batch_size"] * run_config["num_processes"]
+    steps_per_epoch = run_config["total_steps"] // round(run_config["num_train_epochs"])
     rows = []
-    for point in curve:
-        epoch = point["epoch"]
+    for point in knn_history(run):
+        epoch = point["step"] / steps_per_epoch
         if epoch < 1 or epoch != int(epoch):
             continue
         first, last = (int(epoch) - 1) * steps_per_epoch, int(epoch) * steps_per_epoch
@@ -79,6 +95,7 @@ def plot(rows: list[dict], reference: dict, output: Path, device: str) -> Path:
     loss_ax.plot(epochs, [row["loss"] for row in rows], "o-", color="tab:green", label="moco-hf")
     loss_ax.set(title="Mean training loss of the epoch", xlabel="epoch (of 200)")
     for ax in (knn_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"MoCo CIFAR-10 demo recipe, first epochs of 200: moco-hf on {device} vs the published log")
@@ -100,12 +117,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("outputs/cifar10-demo-cpu"))
     parser.add_argument("--device_name", default="cpu", help="Suffix of the result files (cpu, gpu).")
-    parser.add_argument("--command", default=None, help="The command that trained the run (default: its own).")
+    parser.add_argument("--device", default=None, help="The machine that trained the run (default: this CPU).")
+    parser.add_argument("--command", required=True, help="The command(s) that trained the run, as typed.")
     args = parser.parse_args()
     log = demo_log()
     rows = epoch_rows(args.run)
-    results = json.loads((args.run / "results.json").read_text())
-    device = f"{results['device']} ({platform.processor() or platform.machine()})"
+    run_config = json.loads((args.run / "run_config.json").read_text())
+    device = args.device or f"{cpu_model()} ({os.cpu_count()} cores), {run_config['num_processes']} process"
     differences = {row["epoch"]: round(row["knn_top1_head"] - log["by_epoch"][row["epoch"]]["knn_top1"], 2)
                    for row in rows}  # fmt: skip
     summary = {
@@ -120,9 +138,9 @@ def main() -> None:
         "difference_head_vs_demo": differences,
         "within_tolerance_from_epoch_3": all(abs(d) <= TOLERANCE for e, d in differences.items() if e >= 3),
         "tolerance_points": TOLERANCE,
-        "command": args.command or results["command"],
+        "command": args.command,
         "device": device,
-        "mixed_precision": json.loads((args.run / "run_config.json").read_text())["mixed_precision"],
+        "mixed_precision": run_config["mixed_precision"],
     }
     output = RESULTS / f"cifar10_demo_curve-{args.device_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,14 @@
 """moco-hf: MoCo (Momentum Contrast) pretraining of timm vision encoders, native to Hugging Face.
 
-The model (`MocoConfig`, `MocoModel`) is importable from here; the training pieces live in submodules:
+The model (`MocoConfig`, `MocoModel`) and the training run (`train`, `MocoTrainingArguments`, from
+`moco_hf.pretraining`, imported on first use) are importable from here; the pieces live in submodules:
 `moco_hf.data` (datasets streams of two-crop batches), `moco_hf.augmentation`, `moco_hf.knn`,
 `moco_hf.checkpointing`, `moco_hf.schedules`, `moco_hf.optimization`, `moco_hf.model_card`, `moco_hf.export`,
-`moco_hf.evaluation` and `moco_hf.linear_probe`. The commands are in the repository's `training/` folder.
+`moco_hf.evaluation`, `moco_hf.linear_probe` and `moco_hf.trainer_callbacks`. The repository's `training/` scripts
+and the `moco-hf` command are thin layers over them.
 """
+
+from typing import Any
 
 from transformers import AutoConfig, AutoModel
 
@@ -18,13 +22,27 @@ AutoModel.register(MocoConfig, MocoModel, exist_ok=True)
 MocoConfig.register_for_auto_class()
 MocoModel.register_for_auto_class("AutoModel")
 
+# The trainer pulls in accelerate and datasets: imported when first asked for, not with the model.
+_PRETRAINING = ("MocoTrainingArguments", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PRETRAINING:
+        from . import pretraining
+
+        return getattr(pretraining, name)
+    raise AttributeError(f"module 'moco_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS",
     "MocoConfig",
     "MocoModel",
     "MocoOutput",
+    "MocoTrainingArguments",
     "SplitBatchNorm2d",
     "concat_all_gather",
     "export_encoder",
+    "train",
 ]
 __version__ = "0.1.0"

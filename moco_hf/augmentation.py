@@ -20,6 +20,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
+from .image_processing import evaluation_resize
+
 Transform = Callable[[object], torch.Tensor]
 
 
@@ -78,12 +80,6 @@ def moco_view(recipe: ViewRecipe, size: int, mean: Sequence[float], std: Sequenc
             v2.Normalize(list(mean), list(std)),
         ]
     )
-
-
-def evaluation_resize(size: int) -> int:
-    """The short side evaluation resizes to before the centre crop: size / 0.875 (the ImageNet convention), or the
-    crop size itself for CIFAR-sized images."""
-    return size if size <= 64 else round(size / 0.875)
 
 
 def evaluation_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

@@ -77,7 +77,7 @@ def save_checkpoint(
     if bad:
         raise RunError(
             f"the weights became non-finite at step {state.completed_steps} ({bad[0]} and {len(bad) - 1} more); "
-            "nothing was saved over the last good checkpoint. Lower --learning_rate or set --max_grad_norm and "
+            "nothing was saved over the last good checkpoint. Lower `learning_rate` or set `max_grad_norm` and "
             "resume from it."
         )
     try:
@@ -101,8 +101,8 @@ def save_checkpoint(
         reason = first_line(error) or type(error).__name__
         raise RunError(
             f"could not write checkpoint {final.name} in {final.parent}: {reason}. Earlier "
-            "checkpoints are intact; free some space (or lower --checkpoints_total_limit) and resume with "
-            "--resume_from_checkpoint latest."
+            "checkpoints are intact; free some space (or lower `checkpoints_total_limit`) and resume with "
+            "`resume_from_checkpoint` latest."
         ) from error
     accelerator.wait_for_everyone()
     return final
@@ -192,12 +192,12 @@ def describe_layout(settings: dict) -> str:
 
 def resume_advice(name: str, saved: dict) -> str:
     if name == "global_batch_size":
-        return ("keep processes x --per_device_train_batch_size x --gradient_accumulation_steps equal to "
+        return ("keep processes x `per_device_train_batch_size` x `gradient_accumulation_steps` equal to "
                 f"{saved[name]} (e.g. on half the processes, double one of the other two).")  # fmt: skip
     if name in BATCH_LAYOUT:
         return ("a streamed dataset counts its position per process: resume with the same value (a dataset read "
-                "without --streaming can change the process count at the same global batch).")  # fmt: skip
-    return "resume with the same value, or start a new run in another --output_dir."
+                "without `streaming` can change the process count at the same global batch).")  # fmt: skip
+    return "resume with the same value, or start a new run in another `output_dir`."
 
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:
@@ -212,14 +212,14 @@ def check_output_dir(output_dir: Path, model: torch.nn.Module) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise UsageError(f"--output_dir {str(output_dir)!r} is not writable: {error.strerror or error}.") from error
+        raise UsageError(f"`output_dir` {str(output_dir)!r} is not writable: {error.strerror or error}.") from error
     # A checkpoint holds every tensor of the model, plus SGD's momentum for the query encoder's parameters.
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     needed = model_bytes + sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise UsageError(
-            f"--output_dir {str(output_dir)!r} has {free / 2**20:.0f} MiB free, but one checkpoint needs about "
+            f"`output_dir` {str(output_dir)!r} has {free / 2**20:.0f} MiB free, but one checkpoint needs about "
             f"{needed / 2**20:.0f} MiB; free some space or choose another folder."
         )
 
@@ -259,7 +259,7 @@ def resolve_checkpoint(value: str, output_dir: Path) -> Path | None:
         return None
     path = Path(value)
     if not (path / STATE_FILE).is_file():
-        raise UsageError(f"--resume_from_checkpoint {value!r} is not a complete checkpoint (no {STATE_FILE}).")
+        raise UsageError(f"`resume_from_checkpoint` {value!r} is not a complete checkpoint (no {STATE_FILE}).")
     damage = checkpoint_damage(path)
     if damage is not None:
         raise UsageError(f"checkpoint {path} cannot be trusted: {damage}. Resume from another one (or 'latest').")
@@ -294,9 +294,15 @@ class OutputDirLock:
             holder = self.file.read().strip() or "unknown"
             self.file.close()
             raise UsageError(
-                f"another run (pid {holder}) is writing to --output_dir {str(output_dir)!r}; wait for it to end "
+                f"another run (pid {holder}) is writing to `output_dir` {str(output_dir)!r}; wait for it to end "
                 "or choose another folder."
             ) from None
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
+
+    def release(self) -> None:
+        """Let another run write there (a run in the same process, e.g. a resume from Python)."""
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()

@@ -1,5 +1,6 @@
-"""`moco-hf` console command: export encoders and convert official MoCo checkpoints.
+"""`moco-hf` console command: pretrain, export encoders and convert official MoCo checkpoints.
 
+moco-hf train --backbone resnet18 --image_size 32 ...   # pretrain: every flag of training/pretrain.py
 moco-hf export MODEL OUTPUT_DIR [--repo_id USER/NAME]   # query backbone in timm's format (+ model card)
 moco-hf convert official.pth.tar OUTPUT_DIR            # facebookresearch/moco -> MocoModel (save_pretrained)
 moco-hf convert MODEL out.pth.tar --to official        # MocoModel -> facebookresearch/moco layout
@@ -53,6 +54,8 @@ def convert(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moco-hf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    # Listed here for --help; `main` hands its arguments to the pretraining command's own parser.
+    commands.add_parser("train", add_help=False, help="Pretrain a MoCo model (moco-hf train --help for the flags).")
 
     export_parser = commands.add_parser("export", help="Export the query backbone in timm's Hub format.")
     export_parser.add_argument("model", help="A MocoModel folder or Hub repo id.")
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from .pretraining import main as pretrain
+
+        return pretrain(argv[1:])
     args = build_parser().parse_args(argv)
     from .convert import CheckpointError
 

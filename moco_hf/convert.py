@@ -129,7 +129,13 @@ def _load(config: MocoConfig, state: dict, backbone: str) -> MocoModel:
 
 def moco_to_official(model: MocoModel) -> dict:
     """The official code's checkpoint layout (`{"arch", "state_dict"}`), e.g. for its `main_lincls.py`: moco-v3's
-    for a model with a predictor, facebookresearch/moco's otherwise."""
+    for a model with a predictor, facebookresearch/moco's otherwise. A CIFAR-stem ResNet is refused: the official
+    code builds torchvision's ResNet with its 7x7/2 stem and max-pool, which cannot hold a 3x3/1 conv1."""
+    if model.config.cifar_stem:
+        raise CheckpointError(
+            "a CIFAR-stem encoder (3x3/1 conv1, no max-pool) has no official layout: the official main_moco.py and "
+            "main_lincls.py build torchvision's ImageNet ResNet. Use the MocoModel folder, or `moco-hf export`."
+        )
     v3 = model.predictor is not None
     head = "head" if hasattr(model.encoder_q.backbone, "cls_token") else "fc"  # the official ViT's, or ResNet's
     names = {v: k for k, v in V3_ENCODERS.items()} if v3 else {encoder: encoder for encoder in ENCODERS}

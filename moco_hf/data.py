@@ -73,7 +73,7 @@ def load_image_splits(
     except Exception as error:  # datasets raises many types here; the user needs one line
         where = "local path" if path.exists() else "Hub dataset id (or local path; none exists here)"
         raise DataError(
-            f"could not load --dataset_name {name!r} as a {where}: {type(error).__name__}: {first_line(error)}"
+            f"could not load `dataset_name` {name!r} as a {where}: {type(error).__name__}: {first_line(error)}"
         ) from error
     return loaded
 
@@ -103,13 +103,13 @@ def find_image_column(dataset: Dataset | IterableDataset, image_column: str | No
     if image_column is not None:
         if image_column not in features:
             raise DataError(
-                f"--image_column {image_column!r} is not a column of the dataset; its columns are {sorted(features)}."
+                f"`image_column` {image_column!r} is not a column of the dataset; its columns are {sorted(features)}."
             )
         return image_column
     candidates = [name for name, feature in features.items() if isinstance(feature, Image)]
     if len(candidates) != 1:
         what = "no column of type Image" if not candidates else f"several Image columns {candidates}"
-        raise DataError(f"the dataset has {what} (columns: {sorted(features)}); pass --image_column NAME.")
+        raise DataError(f"the dataset has {what} (columns: {sorted(features)}); pass `image_column` NAME.")
     return candidates[0]
 
 
@@ -118,12 +118,12 @@ def find_label_column(dataset: Dataset | IterableDataset, label_column: str | No
     features = dataset.features or {}
     if label_column is not None:
         if label_column not in features:
-            raise DataError(f"--label_column {label_column!r} is not a column; the columns are {sorted(features)}.")
+            raise DataError(f"`label_column` {label_column!r} is not a column; the columns are {sorted(features)}.")
         return label_column
     candidates = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
     candidates = candidates or [name for name in ("label", "labels") if name in features]
     if len(candidates) != 1:
-        raise DataError(f"cannot tell the label column among {sorted(features)}; pass --label_column NAME.")
+        raise DataError(f"cannot tell the label column among {sorted(features)}; pass `label_column` NAME.")
     return candidates[0]
 
 
@@ -307,7 +307,7 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
             if rows_seen == 0:
                 yield {
                     "error": f"worker {position.worker} of process {position.rank} received no rows: the dataset is "
-                    "empty, or has fewer shards than workers (lower --dataloader_num_workers)."
+                    "empty, or has fewer shards than workers (lower `dataloader_num_workers`)."
                 }
                 return
             epoch += 1
@@ -426,7 +426,7 @@ class UndecodableRun:
 
     def message(self) -> str:
         return (f"{self.in_a_row} images in a row of column {self.column!r} could not be decoded (first: "
-                f"{'; '.join(self.reasons)}); check --image_column and the files it points to.")  # fmt: skip
+                f"{'; '.join(self.reasons)}); check `image_column` and the files it points to.")  # fmt: skip
 
 
 def init_loader_worker(_worker_id: int = 0) -> None:

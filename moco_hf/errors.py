@@ -16,6 +16,15 @@ class RunError(RuntimeError):
     that the checkpoints already written are intact (exit status 1)."""
 
 
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped a run at a step boundary, after it saved a checkpoint to resume from (the command
+    exits with 128 + the signal's number, as a shell does)."""
+
+    def __init__(self, signal_number: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signal_number} at step {step}; a checkpoint of that step was saved")
+        self.signal_number, self.step = signal_number, step
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message ("" when it has none): one-line errors for the user."""
     text = str(error).strip()

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,14 @@ import timm
 import torch
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
-from transformers import HfArgumentParser
 
 from .augmentation import evaluation_transform
 from .configuration_moco import MocoConfig
 from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
-from .errors import DataError, UsageError
+from .errors import CommandLineParser, DataError, UsageError, as_flags
 from .export import timm_reference
 from .knn import KNN_FEATURES, extract_features, moco_features
+from .loading_errors import check_is_moco_model
 from .modeling_moco import MocoModel
 
 logger = logging.getLogger("moco_hf.evaluation")
@@ -54,6 +54,11 @@ class FeatureArguments:
                   "MocoModel's only; the official CIFAR demo's kNN).", "choices": KNN_FEATURES},
     )  # fmt: skip
 
+    def __post_init__(self) -> None:
+        if self.train_split == self.eval_split:
+            raise UsageError(f"`train_split` and `eval_split` are both {self.eval_split!r}: every query would find "
+                             "itself among the training features. Choose another `eval_split`.")  # fmt: skip
+
 
 @dataclass
 class Encoder:
@@ -67,7 +72,13 @@ class Encoder:
 def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) -> Encoder:
     """The frozen feature extractor stored at `name_or_path` and the preprocessing it expects."""
     folder = Path(name_or_path)
-    config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(name_or_path, "config.json"))
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        check_is_moco_model(folder)  # says what the folder is instead (a training checkpoint, ...)
+    try:
+        config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(name_or_path, "config.json"))
+    except (OSError, ValueError) as error:  # huggingface_hub's errors for a missing repo or no network
+        raise UsageError(f"`model_name_or_path` {name_or_path!r} is neither a local folder nor a Hub model that can "
+                         f"be downloaded ({type(error).__name__}).") from error  # fmt: skip
     config = json.loads(config_file.read_text())
     torch.manual_seed(seed)
     if config.get("model_type") == MocoConfig.model_type:
@@ -136,6 +147,15 @@ def _fingerprint(name_or_path: str) -> list:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
+def prepare_output_dir(output: Path) -> Path:
+    """`output_dir`, created; a path that cannot be a folder is a `UsageError`."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"`output_dir` {str(output)!r} cannot be a folder: {error.strerror or error}.") from error
+    return output
+
+
 Split = tuple[torch.Tensor, torch.Tensor]  # L2-normalised features (N, F) and labels (N,)
 
 
@@ -148,13 +168,16 @@ def evaluation_main(
     """The `main` of `knn_eval.py` / `linear_eval.py`: parse the arguments, extract (or reuse) the features of both
     splits, `evaluate(train, eval, num_classes, protocol_args, seed)`, print and write `<name>_results.json`."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args, protocol_args = HfArgumentParser((FeatureArguments, protocol_arguments)).parse_args_into_dataclasses(argv)
+    names = {argument.name for argument in (*fields(FeatureArguments), *fields(protocol_arguments))}
     try:
+        parser = CommandLineParser((FeatureArguments, protocol_arguments))
+        args, protocol_args = parser.parse(sys.argv[1:] if argv is None else argv)
+        output = prepare_output_dir(Path(args.output_dir))
         encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
         train = split_features(args, encoder, args.train_split)
         evaluation = split_features(args, encoder, args.eval_split)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {as_flags(str(error), names)}", file=sys.stderr)
         return 2
     num_classes = int(max(train[1].max(), evaluation[1].max())) + 1
     metrics = evaluate(train, evaluation, num_classes, protocol_args, args.seed)
@@ -167,8 +190,6 @@ def evaluation_main(
         "eval_samples": evaluation[0].shape[0],
         "settings": {**asdict(args), **asdict(protocol_args)},
     }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}_results.json").write_text(json.dumps(results, indent=2))
     scores = ", ".join(f"{metric} {value:.2f}%" for metric, value in metrics.items())
     print(f"{scores} on {args.eval_split} ({evaluation[0].shape[0]} images) for {encoder.description}")

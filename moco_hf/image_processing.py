@@ -6,8 +6,13 @@ from __future__ import annotations
 from transformers import BitImageProcessor
 from transformers.image_utils import PILImageResampling
 
-from .augmentation import evaluation_resize
 from .configuration_moco import MocoConfig
+
+
+def evaluation_resize(size: int) -> int:
+    """The short side evaluation resizes to before the centre crop: size / 0.875 (the ImageNet convention), or the
+    crop size itself for CIFAR-sized images."""
+    return size if size <= 64 else round(size / 0.875)
 
 
 def image_processor_for(config: MocoConfig) -> BitImageProcessor:

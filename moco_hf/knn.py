@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from datasets import Dataset, IterableDataset
+from datasets import ClassLabel, Dataset, IterableDataset
 
 from .augmentation import evaluation_transform
 from .data import (
@@ -26,6 +26,7 @@ from .data import (
 from .errors import DataError, UsageError
 
 logger = logging.getLogger(__name__)
+HOLD_OUT_SEED = 0  # the kNN queries held out of a split are the same in every run and every evaluation
 
 
 def weighted_knn_predict(
@@ -131,7 +132,7 @@ def load_knn_datasets(splits: KnnSplits) -> tuple[dict[str, Dataset | IterableDa
     if splits.bank_split == splits.query_split:
         raise UsageError(
             f"the kNN bank and queries are both split {splits.bank_split!r}: every query would find itself. Choose "
-            "another --eval_split, or a dataset without one (the queries are then held out of the bank)."
+            "another `eval_split`, or a dataset without one (the queries are then held out of the bank)."
         )
     available = load_image_splits(splits.dataset_name, splits.streaming, splits.config_name, splits.cache_dir)
     if splits.bank_split not in available:
@@ -143,13 +144,39 @@ def load_knn_datasets(splits: KnnSplits) -> tuple[dict[str, Dataset | IterableDa
         return {"bank": take_rows(bank, 0, splits.max_bank_samples), "queries": queries}, (
             splits.query_split + (f"[:{limit}]" if limit else "")
         )
-    held_out = limit or (len(bank) // 10 if isinstance(bank, Dataset) else 1000)
+    if not isinstance(bank, Dataset):  # a stream has no random access: its first rows, said out loud
+        held_out = limit or 1000
+        logger.warning(
+            "Dataset %s has no split %r: the kNN queries are the first %d images of the streamed %r, held out of the "
+            "bank.", splits.dataset_name, splits.query_split, held_out, splits.bank_split,
+        )  # fmt: skip
+        datasets = {"bank": take_rows(bank, held_out, splits.max_bank_samples), "queries": take_rows(bank, 0, held_out)}
+        return datasets, f"{splits.bank_split}[:{held_out}]"
+    return hold_out_queries(bank, splits)
+
+
+def hold_out_queries(bank: Dataset, splits: KnnSplits) -> tuple[dict[str, Dataset], str]:
+    """Queries held out of a split without a query split: a seeded sample of at most a fifth of its rows (and
+    `max_query_samples`), with each class in proportion (`train_test_split(stratify_by_column=...)`) when the labels
+    are a `ClassLabel`: the first rows of a folder sorted by class would give queries with no class-mate in the
+    bank, and a kNN accuracy of 0 that measures nothing."""
+    held_out = min(splits.max_query_samples or len(bank) // 10, len(bank) // 5)
+    if held_out < 1:
+        raise DataError(f"split {splits.bank_split!r} of {splits.dataset_name!r} has {len(bank)} images: too few to "
+                        "hold kNN queries out of the bank.")  # fmt: skip
+    label_column = find_label_column(bank, splits.label_column)
+    stratify = label_column if isinstance(bank.features[label_column], ClassLabel) else None
+    try:
+        parts = bank.train_test_split(test_size=held_out, seed=HOLD_OUT_SEED, stratify_by_column=stratify)
+    except ValueError:  # a class with a single image cannot be split both ways: a plain seeded sample
+        parts = bank.train_test_split(test_size=held_out, seed=HOLD_OUT_SEED)
+    description = f"{splits.bank_split}, {held_out} held out (seed {HOLD_OUT_SEED})"
     logger.warning(
-        "Dataset %s has no split %r: the kNN queries are the first %d images of %r, held out of the kNN bank.",
+        "Dataset %s has no split %r: the kNN queries are %d images of %r held out of the bank (a seeded sample%s).",
         splits.dataset_name, splits.query_split, held_out, splits.bank_split,
+        ", each class in proportion" if stratify else "",
     )  # fmt: skip
-    datasets = {"bank": take_rows(bank, held_out, splits.max_bank_samples), "queries": take_rows(bank, 0, held_out)}
-    return datasets, f"{splits.bank_split}[:{held_out}]"
+    return {"bank": take_rows(parts["train"], 0, splits.max_bank_samples), "queries": parts["test"]}, description
 
 
 class KnnMonitor:
@@ -183,6 +210,21 @@ class KnnMonitor:
         self.image_column = find_image_column(self.splits["bank"], splits.image_column)
         self.label_column = find_label_column(self.splits["bank"], splits.label_column)
         self.num_classes = getattr(self.splits["bank"].features[self.label_column], "num_classes", None)
+        self._check_every_query_class_is_in_the_bank()
+
+    def _check_every_query_class_is_in_the_bank(self) -> None:
+        """A query whose class has no image in the bank can never be classified right: a protocol where that happens
+        measures the split, not the encoder, so it is refused (streams are not read ahead to check)."""
+        bank, queries = self.splits["bank"], self.splits["queries"]
+        if not (isinstance(bank, Dataset) and isinstance(queries, Dataset)):
+            return
+        missing = set(queries[self.label_column]) - set(bank[self.label_column])
+        if missing:
+            raise DataError(
+                f"kNN queries of {len(missing)} class(es) ({sorted(missing)[:5]}) have no image of their class in the "
+                f"bank ({self.query_description} against {len(bank)} bank images): raise `knn_max_train_samples` or "
+                "choose other splits."
+            )
 
     def _features(self, model: torch.nn.Module, role: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         accelerator = self.accelerator
@@ -199,7 +241,7 @@ class KnnMonitor:
         if not any(f for f, _ in gathered):
             raise DataError(
                 f"the kNN {role} of {self.dataset_name!r} hold no decodable image (column {self.image_column!r}); "
-                "pass --knn_monitor false to train without it."
+                "pass `knn_monitor` false to train without it."
             )
         merged = {name: torch.cat([f[name] for f, _ in gathered if f]) for name in KNN_FEATURES}
         return merged, torch.cat([lab for _, lab in gathered])

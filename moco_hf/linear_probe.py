@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import UsageError
+
 TOP_K_ACCURACY = Path(__file__).resolve().parent / "metrics" / "top_k_accuracy"
 
 
@@ -26,6 +28,13 @@ class LinearArguments:
     learning_rate: float = field(default=0.1, metadata={"help": "Peak SGD learning rate (cosine to 0)."})
     train_batch_size: int = field(default=256, metadata={"help": "Features per SGD step."})
     weight_decay: float = field(default=0.0, metadata={"help": "0, as in main_lincls.py."})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "train_batch_size"):
+            if getattr(self, name) < 1:  # no training would report an untrained classifier's accuracy
+                raise UsageError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise UsageError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
 
 
 def train_linear_classifier(

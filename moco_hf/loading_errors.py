@@ -38,13 +38,12 @@ def check_is_moco_model(name_or_path: str | Path) -> None:
     folder = Path(name_or_path)
     if not folder.is_dir():
         return
-    if (folder / "trainer_state.json").is_file():
-        raise UsageError(
-            f"{folder} is a training checkpoint (Accelerate state, no config.json); use the run's model folder "
-            f"({folder.parent.parent / 'model'}), or resume training from the checkpoint with "
-            "--resume_from_checkpoint and let it save the model."
-        )
     if not (folder / "config.json").is_file():
+        if (folder / "trainer_state.json").is_file():  # Accelerate state; a transformers Trainer checkpoint has both
+            raise UsageError(
+                f"{folder} is a training checkpoint (Accelerate state, no config.json): load the model folder its "
+                "run saved, or resume training from the checkpoint to save one."
+            )
         raise UsageError(f"{folder} has no config.json: it is not a saved MocoModel (save_pretrained).")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type != MocoConfig.model_type:

@@ -16,6 +16,7 @@ dictionary.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moco import MocoConfig
+from .image_processing import image_processor_for
 from .loading_errors import check_is_moco_model, describe_shape_mismatch
 
 logger = logging.get_logger(__name__)
@@ -216,8 +218,9 @@ def use_cifar_stem(backbone: nn.Module, name: str) -> None:
             f"cifar_stem=True needs a timm ResNet with a single-convolution stem (resnet18, resnet50, ...); "
             f"{name!r} is a {type(backbone).__name__}" + (" with a deep stem" if conv is not None else "") + "."
         )
+    # PyTorch's default initialisation of a new Conv2d, as the demo (and lightly, solo-learn) get by replacing conv1
+    # after the ResNet's own init: its weights are ~2x those of the fan-out init, which trains the stem more slowly.
     backbone.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm's ResNet init
     backbone.maxpool = nn.Identity()
 
 
@@ -324,6 +327,14 @@ class MocoModel(MocoPreTrainedModel):
             )
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the config's image processor (`preprocessor_config.json`): the
+        folder then loads with `AutoImageProcessor` and the `image-feature-extraction` pipeline as it is (this also
+        holds for `push_to_hub` and `transformers.Trainer` checkpoints, which save through here)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            image_processor_for(self.config).save_pretrained(save_directory)
 
     @property
     def num_features(self) -> int:

@@ -62,11 +62,49 @@ def command_and_env(script: Path, *args: str, processes: int = 1) -> tuple[list[
 
 
 def launch(script: Path, *args: str, processes: int = 1, timeout: int = 600):
-    """Run a script to completion in a fresh process (or N processes); returns the CompletedProcess."""
+    """Run a script to completion in a fresh process (or N processes); returns the CompletedProcess. For tests where
+    the process itself is the subject (several processes, a fresh interpreter); otherwise `run_in_process`."""
     import subprocess
 
     command, env = command_and_env(script, *args, processes=processes)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+
+
+def run_in_process(script: Path, *args: str):
+    """Run `script` as `__main__` in this process with `args` on its command line, as transformers tests its example
+    scripts: no interpreter start-up, the imports shared. What it prints and logs is captured, and a `SystemExit`
+    or an uncaught exception gives the exit status a fresh process would have; returns a CompletedProcess."""
+    import io
+    import logging
+    import runpy
+    import subprocess
+    import sys
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+    from unittest.mock import patch
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with patch.object(sys, "argv", [str(script), *args]), redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+                returncode = 0
+            except SystemExit as exit_:
+                returncode = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess([str(script), *args], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 PRETRAIN = REPO_ROOT / "training" / "pretrain.py"
@@ -98,8 +136,10 @@ def expected_skips(dataset_name: str, global_batch: int, steps: int, seed: int =
 
 
 def run_pretrain(*args: str, timeout: int = 600, processes: int = 1):
-    """Run training/pretrain.py in a fresh process (or under `accelerate launch` with N processes)."""
-    return launch(PRETRAIN, *args, processes=processes, timeout=timeout)
+    """Run training/pretrain.py in this process, or under `accelerate launch` with N > 1 processes."""
+    if processes > 1:
+        return launch(PRETRAIN, *args, processes=processes, timeout=timeout)
+    return run_in_process(PRETRAIN, *args)
 
 
 @pytest.fixture(scope="session")

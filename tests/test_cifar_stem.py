@@ -115,6 +115,12 @@ def test_export_refuses_what_timm_would_load_as_a_different_network(tmp_path, ca
     (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert "CIFAR stem" in error and "AutoModel" in error and "Traceback" not in stderr
     assert not (tmp_path / "encoder").exists()
+    # The official layout cannot hold it either (main_lincls.py builds the 7x7 stem): refused, nothing written.
+    official = tmp_path / "official.pth.tar"
+    assert moco_hf_cli(["convert", str(tmp_path / "model"), str(official), "--to", "official"]) == 2
+    stderr = capsys.readouterr().err
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "CIFAR-stem encoder" in error and "Traceback" not in stderr and not official.exists()
 
 
 @pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "resnet18d"])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, launch
+from conftest import REPO_ROOT, run_in_process
 
 from moco_hf import MocoConfig, MocoModel, export_encoder
 from moco_hf.knn import knn_accuracy
@@ -70,35 +70,83 @@ def random_moco(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def dataset_with_seen_queries(small_dataset, tmp_path_factory):
+    """small_dataset plus a "validation" split that repeats its first training shard: queries the bank holds."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("seen") / "data"
+    shutil.copytree(small_dataset / "data", root)
+    shutil.copy(root / "train-00000-of-00002.parquet", root / "validation-00000-of-00001.parquet")
+    return root.parent
+
+
 @pytest.mark.parametrize("script", ["knn_eval", "linear_eval"])
 @pytest.mark.parametrize("exported", [False, True], ids=["moco_model", "timm_export"])
-def test_evaluation_commands_on_real_images(script, exported, random_moco, small_dataset, tmp_path):
+def test_evaluation_commands_on_real_images(script, exported, random_moco, dataset_with_seen_queries, tmp_path):
     model = random_moco
     if exported:
         model = export_encoder(MocoModel.from_pretrained(random_moco), tmp_path / "encoder")
     out = tmp_path / "eval"
-    # Evaluated on its own training split: kNN with k=1 must be perfect (each image is its own nearest neighbour);
-    # a linear probe on 512 features of 199 images must nearly fit them (chance is 10%).
-    args = ["--model_name_or_path", str(model), "--dataset_name", str(small_dataset), "--output_dir", str(out),
-            "--eval_split", "train", *(["--knn_k", "1"] if script == "knn_eval" else ["--epochs", "200"])]  # fmt: skip
-    result = launch(REPO_ROOT / "training" / f"{script}.py", *args)
+    # Queries that are training images: kNN with k=1 must be perfect (each image is its own nearest neighbour); a
+    # linear probe on 512 features of 199 images must nearly fit them (chance is 10%).
+    args = ["--model_name_or_path", str(model), "--dataset_name", str(dataset_with_seen_queries), "--output_dir",
+            str(out), "--eval_split", "validation",
+            *(["--knn_k", "1"] if script == "knn_eval" else ["--epochs", "200"])]  # fmt: skip
+    result = run_in_process(REPO_ROOT / "training" / f"{script}.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / f"{script.split('_')[0]}_results.json").read_text())
-    assert results["train_samples"] == results["eval_samples"] == 199  # the corrupt image is left out
+    assert results["train_samples"] == 199 and results["eval_samples"] == 99  # the corrupt image is left out
     if script == "knn_eval":
-        assert results["knn_top1"] == 100.0
+        assert results["knn_top1"] == 100.0 and results["feature"] == "backbone"
     else:
         assert results["linear_top1"] >= 90.0 and results["linear_top5"] >= results["linear_top1"]
-    assert len(list((out / "features").glob("*.safetensors"))) == 1  # one split, extracted once, cached
+    assert len(list((out / "features").glob("*.safetensors"))) == 2  # each split extracted once, cached
 
     # The test split next: its features are extracted, the training split's come from the cache.
     args[args.index("--eval_split") + 1] = "test"
-    test_run = launch(REPO_ROOT / "training" / f"{script}.py", *args)
+    test_run = run_in_process(REPO_ROOT / "training" / f"{script}.py", *args)
     assert test_run.returncode == 0, test_run.stderr[-3000:]
     assert json.loads((out / f"{script.split('_')[0]}_results.json").read_text())["eval_samples"] == 100
-    assert len(list((out / "features").glob("*.safetensors"))) == 2
+    assert len(list((out / "features").glob("*.safetensors"))) == 3
     assert "Extracted 100 features of split 'test'" in test_run.stderr
     assert "of split 'train'" not in test_run.stderr
+
+
+@pytest.mark.parametrize(
+    "script, extra, message",
+    [
+        ("knn_eval", ["--eval_split", "train"], "--train_split and --eval_split are both 'train'"),
+        ("knn_eval", ["--knn_k", "0"], "--knn_k must be at least 1, got 0"),
+        ("linear_eval", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        ("knn_eval", ["--no_such_flag", "1"], "--no_such_flag"),
+        ("knn_eval", ["--knn", "3"], "--knn"),  # an abbreviation of --knn_k
+        ("knn_eval", ["--knn_k", "three"], "invalid int value: 'three'"),
+        ("knn_eval", ["--feature", "pixels"], "invalid choice: 'pixels'"),
+        ("knn_eval", ["--output_dir", "{file}"], "--output_dir"),
+        ("knn_eval", ["--model_name_or_path", "{checkpoint}"], "is a training checkpoint"),
+        ("knn_eval", ["--model_name_or_path", "no-such/model-anywhere"], "is neither a local folder nor a Hub model"),
+        ("knn_eval", ["--model_name_or_path", "{moco}", "--feature", "head", "--exported"], "only ['backbone']"),
+    ],
+)
+def test_evaluation_commands_refuse_what_cannot_measure_anything_in_one_line(
+    script, extra, message, random_moco, small_dataset, tmp_path
+):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text("{}")
+    model = str(random_moco)
+    if "--exported" in extra:
+        extra = [word for word in extra if word != "--exported"]
+        model = str(export_encoder(MocoModel.from_pretrained(random_moco), tmp_path / "encoder"))
+    places = {"{file}": str(tmp_path / "file"), "{checkpoint}": str(tmp_path / "checkpoint"), "{moco}": model}
+    extra = [places.get(word, word) for word in extra]
+    args = ["--model_name_or_path", model, "--dataset_name", str(small_dataset), "--output_dir", str(tmp_path / "o")]
+    result = run_in_process(REPO_ROOT / "training" / f"{script}.py", *args, *extra)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
 
 
 def demo_knn_predict(feature, feature_bank, feature_labels, classes, knn_k, knn_t):

@@ -10,7 +10,7 @@ import torch
 from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
 from datasets import load_dataset
 from huggingface_hub import ModelCard
-from transformers import AutoImageProcessor, AutoModel, pipeline
+from transformers import AutoImageProcessor, AutoModel, TrainerCallback, pipeline
 
 from moco_hf import MocoConfig, MocoModel, export_encoder
 from moco_hf.augmentation import evaluation_transform
@@ -50,16 +50,20 @@ def test_no_test_split_holds_queries_out_of_the_bank_and_hf_arguments_work(train
             "--model_name_or_path", str(saved_moco), "--num_warmup_steps", "2"]  # fmt: skip
     result = run_pretrain(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "has no split 'test': the kNN queries are the first 32 images of 'train', held out" in result.stderr
+    assert (
+        "has no split 'test': the kNN queries are 32 images of 'train' held out of the bank (a seeded sample, "
+        "each class in proportion)" in result.stderr
+    )
     assert f"Initialised from the MocoModel {saved_moco}" in result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["knn_split"] == "train[:32]" and results["steps"] == 4  # 64 images, 16 per step, one epoch
-    peak = 0.03 * 16 / 256  # logged after each step: warmup over 2 steps, then a cosine over the last 2
+    assert results["knn_split"] == "train, 32 held out (seed 0)" and results["steps"] == 4  # 64 images, 16 a step
+    peak = 0.03 * 16 / 256  # the lr each step trained at: warmup over 2 steps, then a cosine over the last 2
     logged = [row["lr"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-    assert logged == pytest.approx([peak, peak, peak / 2, 0.0])
+    assert logged == pytest.approx([peak / 2, peak, peak, peak / 2])
     card = ModelCard.load(out / "model" / "README.md")
     (evaluation,) = card.data.eval_results
-    assert evaluation.dataset_split == "train[:32]" and evaluation.dataset_name == train_only_dataset.name
+    assert evaluation.dataset_split == "train, 32 held out (seed 0)"
+    assert evaluation.dataset_name == train_only_dataset.name
     assert str(train_only_dataset.parent) not in card.content  # no local paths of this machine in the card
     assert list((out / "moco").glob("events.out.tfevents.*")), "--report_to alone must turn tracking on"
     assert json.loads((out / "run_config.json").read_text())["mixed_precision"] == "no"
@@ -117,6 +121,19 @@ def test_the_pipeline_and_image_processor_load_the_full_model(trained_run, cifar
     torch.testing.assert_close(features, expected, atol=1e-4, rtol=0)
 
 
+def test_the_pipeline_loads_a_folder_written_by_save_pretrained(cifar_images, tmp_path):
+    config = MocoConfig.from_preset("cifar10-demo", queue_size=64)
+    model = MocoModel(config).eval()
+    model.save_pretrained(tmp_path / "model")  # no trainer: the folder alone must serve the pipeline
+    images = cifar_images[0][:4]
+    transform = evaluation_transform(32, config.image_mean, config.image_std)
+    with torch.no_grad():
+        expected = model.get_image_features(torch.stack([transform(im) for im in images])).pooler_output
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path / "model"), pool=True)
+    features = torch.tensor(extractor(images)).reshape(len(images), -1)
+    torch.testing.assert_close(features, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.slow
 def test_export_carries_the_runs_card_and_refuses_what_is_not_a_moco_model(trained_run, tmp_path, capsys):
     encoder = tmp_path / "encoder"
@@ -130,8 +147,8 @@ def test_export_carries_the_runs_card_and_refuses_what_is_not_a_moco_model(train
     capsys.readouterr()
     for not_a_model, message in (
         (encoder, "holds an exported timm encoder, not a MocoModel"),
-        (trained_run / "checkpoints" / "step_2", f"is a training checkpoint (Accelerate state, no config.json); use "
-                                                 f"the run's model folder ({trained_run / 'model'})"),
+        (trained_run / "checkpoints" / "step_2", "is a training checkpoint (Accelerate state, no config.json): load "
+                                                 "the model folder its run saved"),
     ):  # fmt: skip
         target = tmp_path / "not-written"
         assert moco_hf_cli(["export", str(not_a_model), str(target)]) == 2
@@ -172,3 +189,89 @@ def test_the_readme_example_with_transformers_trainer_runs(tmp_path, monkeypatch
     model, trainer = namespace["model"], namespace["trainer"]
     assert trainer.state.global_step == 3 and int(model.queue_ptr) == (3 * 16) % 1024
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_the_trainer_callback_applies_the_v3_momentum_schedule(cifar_tensor, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from moco_hf.schedules import momentum_at
+    from moco_hf.trainer_callbacks import KeyMomentumScheduleCallback
+
+    config = MocoConfig.from_preset("v3", backbone="test_resnet", momentum=0.9, mlp_hidden_dim=32, image_size=32)
+    model = MocoModel(config)
+    images = cifar_tensor[:64]
+    train = Dataset.from_dict({"pixel_values": images.numpy(), "key_pixel_values": images.flip(3).numpy()})
+    name, parameter = next(iter(model.encoder_k.named_parameters()))  # the key encoder's first weight
+    query_parameter = dict(model.encoder_q.named_parameters())[name]
+    recorded = []
+
+    class MeasureAppliedMomentum(TrainerCallback):
+        """m of the update k <- m k + (1 - m) q done in this step's forward, solved by least squares from k and q."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.before = parameter.detach().clone(), query_parameter.detach().clone()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            key_before, query_before = self.before
+            gap = key_before - query_before
+            if gap.abs().max() > 0:  # at step 0 the key encoder is a copy of the query encoder
+                recorded.append(float(((parameter.detach() - query_before) * gap).sum() / (gap * gap).sum()))
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=4,
+                             learning_rate=0.5, optim="sgd", report_to="none", save_strategy="no",
+                             dataloader_drop_last=True)  # fmt: skip
+    callbacks = [KeyMomentumScheduleCallback(), MeasureAppliedMomentum()]
+    Trainer(model=model, args=args, train_dataset=train.with_format("torch"), callbacks=callbacks).train()
+    # v3: m = 1 - (1 - 0.9) * 0.5 * (1 + cos(pi * step / 4)) at steps 1, 2, 3 (0.9146, 0.95, 0.9854).
+    expected = [momentum_at(step, 4, 0.9, "cosine") for step in (1, 2, 3)]
+    assert recorded == pytest.approx(expected, abs=1e-4)
+    assert expected[0] != expected[-1]
+
+
+@pytest.fixture(scope="module")
+def class_sorted_folder(cifar_images, tmp_path_factory):
+    """An image folder of one's own: 10 class subfolders of 20 real CIFAR images each, no test split (so sorted by
+    class, as `datasets` lists it), and the same 200 images flat, without labels."""
+    images, labels = cifar_images
+    root = tmp_path_factory.mktemp("folders")
+    counts = dict.fromkeys(range(10), 0)
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        if counts[label] == 20:
+            continue
+        counts[label] += 1
+        for folder in (root / "labelled" / f"class_{label}", root / "unlabelled"):
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{index:04d}.png")
+    assert set(counts.values()) == {20}
+    return root
+
+
+def test_held_out_queries_are_a_class_balanced_sample_with_class_mates_in_the_bank(class_sorted_folder):
+    from accelerate import Accelerator
+
+    from moco_hf.knn import KnnMonitor, KnnSplits
+
+    splits = KnnSplits(str(class_sorted_folder / "labelled"))  # the trainer's defaults: 2,000 queries, 10,000 bank
+    monitor = KnnMonitor(splits, Accelerator(cpu=True), 32, (0.5,) * 3, (0.25,) * 3)
+    queries, bank = monitor.splits["queries"]["label"], monitor.splits["bank"]["label"]
+    assert len(queries) == 40 and len(bank) == 160  # a fifth of the folder, not its first 2,000 rows
+    assert all(queries.count(label) == 4 and bank.count(label) == 16 for label in range(10))
+    assert monitor.query_description == "train, 40 held out (seed 0)"
+    again = KnnMonitor(splits, Accelerator(cpu=True), 32, (0.5,) * 3, (0.25,) * 3)
+    assert again.splits["queries"]["image"] == monitor.splits["queries"]["image"]  # seeded: the same every run
+
+
+@pytest.mark.parametrize("folder", ["labelled", "unlabelled"])
+def test_a_small_folder_of_ones_own_trains_with_default_flags(class_sorted_folder, folder, tmp_path):
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(class_sorted_folder / folder), "--output_dir",
+                          str(out), "--max_train_steps", "2", "--knn_max_eval_samples", "2000",
+                          "--knn_max_train_samples", "10000", "--knn_at_start", "false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    if folder == "labelled":  # was: IndexError: Index 200 out of range
+        assert results["knn_split"] == "train, 40 held out (seed 0)" and 0 <= results["knn_top1"] <= 100
+    else:  # was: IndexError, or "cannot tell the label column": trains, without the monitor, saying so once
+        assert results["knn_top1"] is None and result.stderr.count("Training without the kNN monitor") == 1
+        assert "cannot tell the label column" in result.stderr

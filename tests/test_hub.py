@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import FAST_TRAINING, REPO_ROOT, launch, run_pretrain
+from conftest import FAST_TRAINING, PRETRAIN, REPO_ROOT, launch, run_pretrain
 from hub_server import start_hub_server
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -62,8 +62,9 @@ FAST = [*FAST_TRAINING, "--dataloader_num_workers", "1", "--max_train_steps", "4
 
 def train_and_push(dataset, out, repo_id: str, *extra: str, timeout: int = 600):
     """A short real pretraining with `--push_to_hub` to `repo_id`; it must finish (rc 0) whatever the Hub does."""
-    result = run_pretrain(*FAST, "--dataset_name", str(dataset), "--output_dir", str(out), "--push_to_hub",
-                          "--hub_model_id", repo_id, *extra, timeout=timeout)  # fmt: skip
+    # A fresh process: huggingface_hub reads HF_ENDPOINT (the local server) when it is imported.
+    result = launch(PRETRAIN, *FAST, "--dataset_name", str(dataset), "--output_dir", str(out), "--push_to_hub",
+                    "--hub_model_id", repo_id, *extra, timeout=timeout)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

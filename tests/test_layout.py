@@ -1,6 +1,7 @@
 """The shape of the house: one installed package, thin commands, short functions, one-way imports."""
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -68,3 +69,30 @@ def test_the_commands_import_the_library_not_each_other():
         modules = imported_modules(path)
         assert "moco_hf" in {m.split(".")[0] for m in modules}, path
         assert not {m for m in modules if m.split(".")[0] in ("training", "pretrain", "knn_eval", "linear_eval")}
+
+
+def test_the_pretraining_script_is_a_thin_command_over_the_library():
+    script = (COMMANDS / "pretrain.py").read_text()
+    assert len(script.splitlines()) < 80 and "from moco_hf.pretraining import main" in script
+
+
+COMMAND_LINE_MODULES = {"moco_hf/cli.py", "moco_hf/command_line.py", "moco_hf/pretraining/command.py"}
+
+
+def test_the_library_raises_errors_in_its_own_terms_and_the_commands_name_flags():
+    """Messages raised in moco_hf name fields and parameters (`image_column`); only the command-line modules speak
+    of flags, and they turn those names into flags (`as_flags`)."""
+    from moco_hf.command_line import as_flags
+
+    flagged = []
+    for path in sorted((REPO_ROOT / "moco_hf").rglob("*.py")):
+        name = path.relative_to(REPO_ROOT).as_posix()
+        if name in COMMAND_LINE_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                texts = [n.value for n in ast.walk(node.exc) if isinstance(n, ast.Constant)]
+                flagged += [f"{name}:{node.lineno}" for text in texts if re.search(r"(?<![\w-])--[a-z]", str(text))]
+    assert not flagged, f"messages naming a --flag outside the command line: {flagged}"
+    message = "pass `image_column` NAME; `queue` is not an argument"
+    assert as_flags(message, {"image_column"}) == "pass --image_column NAME; `queue` is not an argument"

@@ -6,7 +6,6 @@ from conftest import REPO_ROOT
 from nbclient import NotebookClient
 
 from moco_hf import MocoConfig, MocoModel
-from moco_hf.image_processing import image_processor_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,6 @@ def test_feature_extraction_notebook(tmp_path, cifar_stem):
     cifar = {"image_size": 32, "image_mean": [0.4913, 0.4821, 0.4465], "image_std": [0.2452, 0.2428, 0.2606]}
     config = MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, cifar_stem=cifar_stem, **cifar)
     MocoModel(config).save_pretrained(tmp_path / "model")
-    image_processor_for(config).save_pretrained(tmp_path / "model")  # as the trainer saves a model
     printed = run_notebook("feature_extraction.ipynb", {
         "MODEL_DIR": str(tmp_path / "model"), "NUM_BANK_IMAGES": 300, "NUM_QUERY_IMAGES": 100,
         "EXPORT_DIR": str(tmp_path / "encoder"),

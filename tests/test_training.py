@@ -1,15 +1,14 @@
 """training/pretrain.py end to end on real images: streaming or not, bad files, resume, clear errors."""
 
-import importlib.util
 import json
+import re
 import shutil
-import sys
 from dataclasses import fields
 
 import pytest
 import torch
 from conftest import FAST_TRAINING as FAST
-from conftest import PRETRAIN, expected_skips, run_pretrain
+from conftest import expected_skips, run_pretrain
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -90,16 +89,20 @@ def test_invalid_values_and_unknown_arguments_stop_at_once_with_one_line(tmp_pat
     assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
 
 
-def test_help_lists_the_choices_and_documents_every_argument():
+def test_help_lists_the_choices_and_documents_every_argument(capsys):
+    from moco_hf.cli import main as moco_hf_cli
+    from moco_hf.pretraining import MocoTrainingArguments
+
     result = run_pretrain("--help", timeout=120)
     assert result.returncode == 0
-    assert "{v1,v2,v3,v3-vit}" in result.stdout and "{auto,ddp,split,none}" in result.stdout
-    spec = importlib.util.spec_from_file_location("pretrain", PRETRAIN)
-    pretrain = importlib.util.module_from_spec(spec)
-    sys.modules["pretrain"] = pretrain  # dataclasses resolve the string annotations through it
-    spec.loader.exec_module(pretrain)
-    arguments = [*fields(pretrain.ModelArguments), *fields(pretrain.DataArguments), *fields(pretrain.TrainArguments)]
-    assert not [argument.name for argument in arguments if not argument.metadata.get("help")]
+    assert "{v1,v2,v3,v3-vit,cifar10-demo}" in result.stdout and "{auto,ddp,split,none}" in result.stdout
+    assert not [argument.name for argument in fields(MocoTrainingArguments) if not argument.metadata.get("help")]
+    # `moco-hf train` is the same command: the same flags.
+    with pytest.raises(SystemExit) as exit_status:
+        moco_hf_cli(["train", "--help"])
+    assert exit_status.value.code == 0
+    flags = re.compile(r"(--\w+)")
+    assert set(flags.findall(capsys.readouterr().out)) == set(flags.findall(result.stdout)) != set()
 
 
 @pytest.mark.parametrize(
@@ -108,6 +111,8 @@ def test_help_lists_the_choices_and_documents_every_argument():
         (["--dataset_name", "/no/such/folder"], "could not load --dataset_name '/no/such/folder'"),
         (["--image_column", "picture"], "--image_column 'picture' is not a column of the dataset"),
         (["--per_device_train_batch_size", "4096"], "is larger than the dataset (200 images)"),
+        (["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),  # was silently the preset's lr
+        (["--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),  # was a traceback
     ],
 )
 def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, message):
@@ -137,3 +142,17 @@ def test_speed_options_train_and_save_a_loadable_model(small_dataset, tmp_path, 
     )
     model = AutoModel.from_pretrained(out / "model")  # compiled backbones save under their plain names
     assert model.queue.dtype == torch.float32 and int(model.queue_ptr) == (3 * 16) % 64
+
+
+def test_the_hub_token_reaches_no_file_and_no_output(small_dataset, tmp_path):
+    token = "hf_NotARealToken1234567890"
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--max_train_steps",
+                          "2", "--knn_at_start", "false", "--hub_token", token, "--with_tracking")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert any("tfevents" in path.name for path in written) and (out / "run_config.json").is_file()
+    assert not [path for path in written if token.encode() in path.read_bytes()]
+    assert token not in result.stdout + result.stderr
+    assert json.loads((out / "run_config.json").read_text())["hub_token"] == "<hidden>"
+    assert "--hub_token '<hidden>'" in json.loads((out / "results.json").read_text())["command"]

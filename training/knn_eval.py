@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from moco_hf.errors import UsageError
 from moco_hf.evaluation import Split, evaluation_main
 from moco_hf.knn import knn_accuracy
 
@@ -18,6 +19,12 @@ from moco_hf.knn import knn_accuracy
 class KnnArguments:
     knn_k: int = field(default=200, metadata={"help": "Neighbours that vote."})
     knn_temperature: float = field(default=0.1, metadata={"help": "Votes are weighted by exp(similarity / T)."})
+
+    def __post_init__(self) -> None:
+        if self.knn_k < 1:  # no neighbour votes: the "accuracy" would be argmax of zeros, class 0
+            raise UsageError(f"`knn_k` must be at least 1, got {self.knn_k}.")
+        if not self.knn_temperature > 0:
+            raise UsageError(f"`knn_temperature` must be > 0, got {self.knn_temperature}.")
 
 
 def knn_protocol(train: Split, evaluation: Split, num_classes: int, args: KnnArguments, seed: int) -> dict[str, float]:

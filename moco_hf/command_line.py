@@ -1,0 +1,43 @@
+"""What the commands share: one-line errors in terms of flags, from a parser without abbreviations."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import NoReturn
+
+from transformers import HfArgumentParser
+
+from .errors import UsageError, first_line
+
+
+def as_flags(message: str, names: Iterable[str]) -> str:
+    """A library message for the command line: each `name` (in backticks) among the command's argument `names`
+    becomes the flag `--name`; the library itself speaks of fields and parameters."""
+    flags = set(names)
+    return re.sub(r"`(\w+)`", lambda match: f"--{match[1]}" if match[1] in flags else match[0], message)
+
+
+class CommandLineParser(HfArgumentParser):
+    """The commands' parser: no abbreviations (a typo must not pick another flag), and a bad value or an unknown
+    flag is one line (`error: ...`, exit status 2) instead of the whole usage block."""
+
+    def __init__(self, dataclass_types: type | tuple[type, ...], **kwargs) -> None:
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help).\n")
+
+    def parse(self, argv: list[str]) -> tuple:
+        """The dataclasses of `argv`, or of one YAML/JSON file given alone; an argument no dataclass takes is a
+        `UsageError` (so are the `UsageError`s the dataclasses' own checks raise)."""
+        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            return self.parse_yaml_file(argv[0])
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return self.parse_json_file(argv[0])
+        try:
+            return self.parse_args_into_dataclasses(argv)
+        except UsageError:
+            raise
+        except ValueError as error:  # HfArgumentParser's "Some specified arguments are not used"
+            raise UsageError(f"{first_line(error)} (see --help).") from error

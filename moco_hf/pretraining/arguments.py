@@ -1,0 +1,240 @@
+"""The arguments of a MoCo pretraining run: one flat dataclass, the command line's flags by field name."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, PRESETS, SHUFFLE_BN_MODES, MocoConfig
+from ..errors import UsageError, first_line
+from ..knn import KNN_FEATURES
+
+# A `bool | None` setting (None: the preset's) that `--name` alone turns on, as a plain bool flag does; `--name false`
+# turns it off. (HfArgumentParser makes that so for bools with a default, not for a default of None.)
+FLAG = {"nargs": "?", "const": True}
+
+
+@dataclass
+class ModelArguments:
+    """The network and the MoCo algorithm (`MocoConfig` fields; None: the preset's)."""
+
+    preset: Literal[PRESET_NAMES] = field(default="v2", metadata={"help": "Paper recipe (v3-vit: v3 for ViTs)."})
+    backbone: str | None = field(default=None, metadata={"help": "timm model name (preset's, else resnet18)."})
+    backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
+    dim: int | None = field(default=None, metadata={"help": "Embedding dimension (preset: 128)."})
+    queue_size: int | None = field(default=None, metadata={"help": "K, negatives in the queue (preset: 65536)."})
+    momentum: float | None = field(default=None, metadata={"help": "Key encoder momentum m (preset: 0.999)."})
+    softmax_temperature: float | None = field(default=None, metadata={"help": "T (preset: v1 0.07, v2 0.2)."})
+    mlp: bool | None = field(default=None, metadata={"help": "MLP projection head (preset: v1 no, v2 yes).", **FLAG})
+    shuffle_bn: Literal[SHUFFLE_BN_MODES] | None = field(default=None, metadata={"help": "Preset: auto."})
+    projector_layers: int | None = field(default=None, metadata={"help": "Layers of the MLP head (v3 ViT: 3)."})
+    symmetric_loss: bool | None = field(default=None, metadata={"help": "Both views as queries (preset: v3).", **FLAG})
+    freeze_patch_embed: bool | None = field(
+        default=None, metadata={"help": "v3 ViT trick: frozen patch embed.", **FLAG}
+    )
+    num_splits: int | None = field(default=None, metadata={"help": "BatchNorm groups of 'split' (preset: 8)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from these weights: a saved MocoModel (folder or Hub id), or a timm model with "
+                  "pretrained weights (e.g. 'resnet50.a1_in1k', 'hf-hub:timm/...', an exported encoder folder) for "
+                  "both backbones (domain-adaptive pretraining)."},
+    )  # fmt: skip
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the Hub model's own code to load."})
+    cifar_stem: bool | None = field(
+        default=None, metadata={"help": "ResNets on 32 px: 3x3/1 first conv, no max-pool (preset: off).", **FLAG}
+    )
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
+
+
+@dataclass
+class DataArguments:
+    """The images to pretrain on, their preprocessing, and the kNN monitor's labelled splits."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id or local path (default: CIFAR-10)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N images only."})
+    train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected if unique)."})
+    streaming: bool = field(default=False, metadata={"help": "Iterate without materialising the dataset."})
+    shuffle_buffer_size: int = field(
+        default=10_000, metadata={"help": "Shuffle buffer of --streaming (otherwise every epoch is fully shuffled)."}
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Crop size: 32 for CIFAR-size images (preset's, else 224 for ImageNet)."}
+    )
+    image_mean: list[float] | None = field(default=None, metadata={"help": "Per-channel mean (preset's, else "
+                                                                    "ImageNet's)."})  # fmt: skip
+    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std (preset's, else "
+                                                                  "ImageNet's)."})  # fmt: skip
+    dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
+    augment_on_device: bool = field(
+        default=True,
+        metadata={"help": "Crop, jitter, blur and flip whole batches on the training device (workers only decode and "
+                  "draw parameters); false: each image in the workers (torchvision v2)."},
+    )  # fmt: skip
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Labelled data for kNN (default: same)."})
+    eval_train_split: str = field(default="train", metadata={"help": "kNN memory bank split."})
+    eval_split: str = field(default="test", metadata={"help": "kNN query split."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected)."})
+    knn_max_train_samples: int | None = field(default=10_000, metadata={"help": "Bank size cap (None: all)."})
+    knn_max_eval_samples: int | None = field(default=2_000, metadata={"help": "Query count cap (None: all)."})
+    knn_k: int = field(default=200, metadata={"help": "Neighbours of the weighted kNN."})
+    knn_temperature: float = field(default=0.1, metadata={"help": "Temperature of the kNN weights."})
+    knn_feature: Literal[KNN_FEATURES] = field(
+        default="backbone",
+        metadata={"help": "The kNN accuracy reported: backbone (pooled features that transfer) or head (projection "
+                  "output, the official CIFAR demo's). Both are recorded in knn_curve.json."},
+    )  # fmt: skip
+
+
+@dataclass
+class TrainArguments:
+    """Optimisation, schedule, precision, checkpoints, logging and the Hub."""
+
+    output_dir: str = field(default="outputs/moco", metadata={"help": "Where checkpoints and the model go."})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Images per process and micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimizer step. Each micro-batch still momentum-updates the key encoder and "
+            "enqueues its keys; the learning rate scales with the effective batch."
+        },
+    )
+    learning_rate: float | None = field(default=None, metadata={"help": "Default: preset lr x global batch / 256."})
+    lr_scheduler_type: Literal[LR_SCHEDULES] | None = field(default=None, metadata={"help": "Preset: v1 step."})
+    optimizer: Literal[OPTIMIZERS] | None = field(default=None, metadata={"help": "Preset: v1/v2 sgd, v3 lars."})
+    weight_decay: float | None = field(default=None, metadata={"help": "Preset: v1/v2 1e-4, v3 1e-6."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
+    num_warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warmup steps."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
+    num_train_epochs: float = field(default=200, metadata={"help": "Passes over the data (fractions allowed)."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs."})
+    stop_after_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Stop (evaluate and save) after this many epochs, leaving the schedules on "
+                  "--num_train_epochs / --max_train_steps: the first epochs of a longer run; resume to go on."},
+    )  # fmt: skip
+    max_train_minutes: float | None = field(
+        default=None, metadata={"help": "Wall-time budget: stop, evaluate and save once training has run this long."}
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
+        default=None, metadata={"help": "Default: the launcher's (accelerate config)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds the model, the data order and every augmentation."})
+    checkpointing_steps: int | None = field(default=None, metadata={"help": "Save every N steps (and at the end)."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    with_tracking: bool = field(default=False, metadata={"help": "Log to trackers (--report_to, else tensorboard)."})
+    report_to: str | None = field(
+        default=None, metadata={"help": "tensorboard | wandb | all | ... (turns tracking on; 'none': off)."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics.jsonl and trackers every N steps."})
+    eval_every: float | None = field(default=None, metadata={"help": "kNN every N epochs (always at the end)."})
+    knn_monitor: bool = field(default=True, metadata={"help": "Measure kNN accuracy during and after training."})
+    knn_at_start: bool = field(default=True, metadata={"help": "kNN of the initial (random) encoder first."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per kNN forward pass."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile both backbones."})
+    channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on GPUs)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the model (and its card) to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repo id (default: the output dir's name)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repo as private.", **FLAG})
+    hub_revision: str | None = field(default=None, metadata={"help": "Push to this branch (default: main)."})
+    create_pr: bool = field(default=False, metadata={"help": "Push as a pull request instead of a commit."})
+    hub_wait_seconds: float = field(
+        default=600, metadata={"help": "At the end, wait at most this long for uploads (they never hold training)."}
+    )
+    hub_strategy: Literal["end", "every_save"] = field(
+        default="end", metadata={"help": "end: push the final model; every_save: also at each checkpoint."}
+    )
+
+
+@dataclass
+class MocoTrainingArguments(TrainArguments, DataArguments, ModelArguments):
+    """Every setting of a pretraining run; field `name` is the command line's `--name`. Model fields left at None
+    take the preset's value (`MocoConfig.from_preset`), and the config saved with the model records the result."""
+
+
+# Never written to a file, a tracker or a log (as HF_TOKEN from the environment never is).
+SECRET_ARGUMENTS = frozenset({"hub_token"})
+HIDDEN = "<hidden>"
+
+
+def recorded_settings(args: MocoTrainingArguments) -> dict[str, Any]:
+    """The settings as run_config.json and the trackers record them: secrets hidden."""
+    return {name: HIDDEN if name in SECRET_ARGUMENTS and value is not None else value
+            for name, value in asdict(args).items()}  # fmt: skip
+
+
+def without_secrets(words: list[str]) -> list[str]:
+    """A command line with the value of each secret flag (`--hub_token t` or `--hub_token=t`) hidden."""
+    shown = list(words)
+    for index, word in enumerate(shown):
+        flag, equals, _ = word.partition("=")
+        if flag.removeprefix("--") in SECRET_ARGUMENTS and flag.startswith("--"):
+            if equals:
+                shown[index] = f"{flag}={HIDDEN}"
+            elif index + 1 < len(shown):
+                shown[index + 1] = HIDDEN
+    return shown
+
+
+def command_line(args: MocoTrainingArguments) -> list[str]:
+    """`moco-hf train` with a flag for every setting that differs from its default: the run's command line
+    (secrets hidden)."""
+    words = ["moco-hf", "train"]
+    for argument in fields(args):
+        value, default = recorded_settings(args)[argument.name], argument.default
+        if argument.default_factory is not MISSING:
+            default = argument.default_factory()
+        if value != default:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            words += [f"--{argument.name}", *map(str, values)]
+    return words
+
+
+# What the command uses where neither a flag nor the preset says (MocoConfig's own defaults are ResNet-50's).
+COMMAND_DEFAULTS = {"backbone": "resnet18", "image_size": 224, "image_mean": list(IMAGENET_DEFAULT_MEAN),
+                    "image_std": list(IMAGENET_DEFAULT_STD)}  # fmt: skip
+
+
+def build_config(args: MocoTrainingArguments) -> MocoConfig:
+    """The preset's recipe, with every field given on the command line taking precedence."""
+    overrides = {name: value for name, value in COMMAND_DEFAULTS.items() if name not in PRESETS[args.preset]}
+    if args.backbone_kwargs is not None:
+        overrides["backbone_kwargs"] = json.loads(args.backbone_kwargs)
+    for name in ("backbone", "cifar_stem", "num_splits", "dim", "queue_size", "momentum", "softmax_temperature",
+                 "mlp", "shuffle_bn", "projector_layers", "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    # The preprocessing the encoder expects, recorded for exports and model cards.
+    for name in ("image_size", "image_mean", "image_std"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    for name, config_name in (("optimizer", "optimizer"), ("lr_scheduler_type", "lr_schedule"),
+                              ("weight_decay", "weight_decay")):  # fmt: skip
+        if getattr(args, name) is not None:
+            overrides[config_name] = getattr(args, name)
+    try:
+        return MocoConfig.from_preset(args.preset, **overrides)
+    except ValueError as error:  # the config names the field and what it accepts
+        raise UsageError(first_line(error)) from error
+
+
+def trackers(args: MocoTrainingArguments) -> str | None:
+    """`--report_to` turns tracking on by itself (as in transformers); `--with_tracking` alone means tensorboard."""
+    if args.report_to == "none":
+        return None
+    return args.report_to or ("tensorboard" if args.with_tracking else None)
+
+
+def warmup_steps(args: MocoTrainingArguments, total_steps: int) -> int:
+    if args.warmup_ratio is not None:
+        if not 0 <= args.warmup_ratio < 1:
+            raise UsageError(f"`warmup_ratio` must be in [0, 1), got {args.warmup_ratio}.")
+        return int(args.warmup_ratio * total_steps)
+    return args.num_warmup_steps

@@ -1,0 +1,220 @@
+"""Everything a run needs before its first step: accelerator, config, data, model, optimizer, schedules, kNN
+monitor, checkpoint to resume and Hub repo."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from ..checkpointing import (
+    MATCHING_CONFIG_FIELDS,
+    OutputDirLock,
+    TrainerState,
+    check_output_dir,
+    load_checkpoint,
+    remove_incomplete_checkpoints,
+    resolve_checkpoint,
+    set_aside_newer_checkpoints,
+)
+from ..configuration_moco import MocoConfig
+from ..errors import DataError, UsageError, first_line
+from ..hub_upload import HubPublisher
+from ..knn import KnnMonitor, KnnSplits
+from ..modeling_moco import MocoModel
+from ..optimization import build_optimizer
+from ..schedules import learning_rate_scheduler
+from ..warm_start import load_pretrained_weights
+from .arguments import MocoTrainingArguments, build_config, recorded_settings, trackers, warmup_steps
+from .data_plan import DataPlan, build_augmentation, plan_data
+from .run import Run
+
+logger = logging.getLogger("moco_hf.pretrain")
+
+
+def build_accelerator(args: MocoTrainingArguments) -> Accelerator:
+    # Accelerate keeps one precision and accumulation setting per process: a new run in the same Python process
+    # (a notebook, a test) may choose others. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        # With no accelerator, `accelerate launch --multi_gpu` processes form a gloo group only if told they are on
+        # the CPU; otherwise each would train alone.
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers(args),
+        project_dir=args.output_dir,
+        # The queue and key encoder are identical on every rank by construction; broadcasting them each step
+        # (DDP's default) would copy K x dim floats per step for nothing.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def build_model(config: MocoConfig, args: MocoTrainingArguments, world: int,
+                device: torch.device) -> MocoModel:  # fmt: skip
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise UsageError(
+            "`sync_bn` needs CUDA GPUs (PyTorch's DDP runs SyncBatchNorm on GPU modules only); processes on the "
+            "CPU keep the paper's remedy, the key batch shuffle across processes (`shuffle_bn` ddp, the default)."
+        )
+    try:
+        model = MocoModel(config)
+    except ValueError as error:  # a setting that does not fit the backbone, e.g. --cifar_stem on a ViT
+        raise UsageError(first_line(error)) from error
+    if args.model_name_or_path:
+        source = load_pretrained_weights(model, args.model_name_or_path, args.trust_remote_code)
+        logger.info("Initialised from %s.", source)
+    if args.sync_bn and world > 1:
+        model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+    elif args.sync_bn:
+        logger.warning("--sync_bn with one process: there is nothing to synchronise.")
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.torch_compile:
+        model.encoder_q.backbone.compile()
+        model.encoder_k.backbone.compile()
+    return model
+
+
+def uses_sync_batch_norm(model: MocoModel) -> bool:
+    return any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.encoder_q.modules())
+
+
+def resume(args: MocoTrainingArguments, output_dir: Path, accelerator: Accelerator, settings: dict) -> TrainerState:
+    """The state to start from: a checkpoint's when resuming (and an intact one exists), else a fresh one."""
+    if not args.resume_from_checkpoint:
+        return TrainerState(settings=settings)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is None:
+        logger.info("No checkpoint in %s yet: starting from scratch.", output_dir / "checkpoints")
+        return TrainerState(settings=settings)
+    state = load_checkpoint(accelerator, checkpoint, settings)
+    if accelerator.is_main_process and checkpoint.parent.resolve() == (output_dir / "checkpoints").resolve():
+        for moved in set_aside_newer_checkpoints(checkpoint, output_dir):
+            logger.warning("Rolled back to %s: the newer checkpoint is kept as %s.", checkpoint.name, moved)
+    logger.info("Resumed from %s at step %d.", checkpoint, state.completed_steps)
+    return state
+
+
+def run_settings(config: MocoConfig, plan: DataPlan, args: MocoTrainingArguments,
+                 learning_rate: float, num_processes: int) -> dict[str, Any]:  # fmt: skip
+    """What a checkpoint records of the run, for `check_resume_settings`."""
+    return {
+        "data_order": "global" if plan.order is not None else "stream",
+        "global_batch_size": plan.global_batch,
+        "per_device_train_batch_size": plan.micro_batch,
+        "num_processes": num_processes,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+        "learning_rate": learning_rate,
+        "dataloader_num_workers": args.dataloader_num_workers,
+        "total_steps": plan.total_steps,
+        **{name: getattr(config, name) for name in MATCHING_CONFIG_FIELDS},
+    }
+
+
+def build_knn_monitor(
+    config: MocoConfig, args: MocoTrainingArguments, dataset_name: str, accelerator: Accelerator
+) -> KnnMonitor:
+    splits = KnnSplits(
+        dataset_name=args.eval_dataset_name or dataset_name,
+        bank_split=args.eval_train_split,
+        query_split=args.eval_split,
+        max_bank_samples=args.knn_max_train_samples,
+        max_query_samples=args.knn_max_eval_samples,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        config_name=args.dataset_config_name if args.eval_dataset_name is None else None,
+        streaming=args.streaming,
+        cache_dir=args.cache_dir,
+    )
+    try:
+        return KnnMonitor(splits, accelerator, config.image_size, config.image_mean, config.image_std, args.knn_k,
+                          args.knn_temperature, args.per_device_eval_batch_size, args.knn_feature)  # fmt: skip
+    except DataError as error:
+        if args.eval_dataset_name or args.label_column:  # a monitor asked for by name must work
+            raise
+        # The default monitor on data it cannot measure (unlabelled images, the usual self-supervised case, or too
+        # few per class): train without it rather than stop or publish a number that measures nothing.
+        logger.warning("Training without the kNN monitor: %s (`knn_monitor` false silences this.)", error)
+        return None
+
+
+def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]:
+    """Accelerator, config, data, model, optimizer, schedule, the lock on the output folder, then the rest (see
+    `start_run`); the run and the state to start from. `command` is what results.json records."""
+    output_dir = Path(args.output_dir)
+    accelerator = build_accelerator(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger("moco_hf").setLevel(logging.WARNING)
+    set_seed(args.seed)
+    config = build_config(args)
+    plan = plan_data(args, accelerator)
+    model = build_model(config, args, accelerator.num_processes, accelerator.device)
+    if 0 < config.queue_size < plan.global_batch:
+        logger.warning("The queue (K=%d) is smaller than the global batch (%d): each step keeps only the newest %d "
+                       "keys as negatives.", config.queue_size, plan.global_batch, config.queue_size)  # fmt: skip
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise UsageError(f"`learning_rate` must be > 0, got {args.learning_rate}.")
+    learning_rate = args.learning_rate or config.base_learning_rate * plan.global_batch / 256
+    optimizer = build_optimizer(model, config, learning_rate)
+    scheduler = learning_rate_scheduler(optimizer, config.lr_schedule, plan.total_steps,
+                                        warmup_steps(args, plan.total_steps), plan.steps_per_epoch)  # fmt: skip
+    lock = None
+    if accelerator.is_main_process:
+        check_output_dir(output_dir, model)
+        lock = OutputDirLock(output_dir)  # released when `train` returns, or by the kernel when the process dies
+    try:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        run = Run(args, config, accelerator, model, optimizer, scheduler, plan, build_augmentation(config, args),
+                  None, learning_rate, output_dir, command, lock)  # fmt: skip
+        return start_run(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def start_run(run: Run) -> tuple[Run, TrainerState]:
+    """The checkpoint to resume from, the kNN monitor, the Hub repo and `run_config.json`."""
+    args, accelerator = run.args, run.accelerator
+    if accelerator.is_main_process:
+        remove_incomplete_checkpoints(run.output_dir)
+    settings = run_settings(run.config, run.plan, args, run.learning_rate, accelerator.num_processes)
+    state = resume(args, run.output_dir, accelerator, settings)
+    run.seconds_before = state.training_seconds
+    if args.knn_monitor:
+        run.knn = build_knn_monitor(run.config, args, run.plan.dataset_name, accelerator)
+    if args.create_pr and args.hub_revision:
+        raise UsageError("`create_pr` opens a pull request against the default branch; drop `hub_revision`.")
+    run.repo_id = args.hub_model_id or run.output_dir.resolve().name  # also the model card's title
+    if args.push_to_hub and accelerator.is_main_process:
+        run.publisher = HubPublisher(run.repo_id, args.hub_token, args.hub_private_repo, args.hub_revision,
+                                     args.create_pr)  # fmt: skip
+    write_run_config(run)
+    return run, state
+
+
+def write_run_config(run: Run) -> None:
+    run_config = recorded_settings(run.args)
+    run_config |= {
+        # What the run used, resolved: the launcher's precision, the default data's path, the scaled lr.
+        "mixed_precision": run.accelerator.mixed_precision,
+        "dataset_name": run.plan.dataset_name,
+        "learning_rate": run.learning_rate,
+        "total_steps": run.plan.total_steps,
+        "num_processes": run.accelerator.num_processes,
+    }
+    if run.accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+    if trackers(run.args):
+        run.accelerator.init_trackers("moco", config={k: str(v) for k, v in run_config.items()})
