@@ -151,9 +151,17 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) 
 
 # Settings a resumed run must share with its checkpoint: the optimizer and scheduler state hold the old learning
 # rate, and the weights have the old shapes.
+# Everything that shapes the model, the loss, the data or the optimisation must be the same on resume: a change would
+# silently mix two runs (and config.json would describe the whole run with the new values). What may change, with a
+# warning where it costs bit-exactness: the total length (extend or shorten a run), the process / batch layout at the
+# same global batch, loader workers, logging, checkpointing, evaluation and Hub settings.
 MATCHING_CONFIG_FIELDS = ("optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim", "queue_size", "mlp",
-                          "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor")  # fmt: skip
-MUST_MATCH = ("seed", "learning_rate", *MATCHING_CONFIG_FIELDS)
+                          "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor", "predictor_hidden_dim",
+                          "symmetric_loss", "freeze_patch_embed", "momentum", "momentum_schedule",
+                          "softmax_temperature", "num_splits", "image_size", "image_mean", "image_std", "augmentation",
+                          "lr_schedule", "weight_decay", "sgd_momentum")  # fmt: skip
+MATCHING_DATA_SETTINGS = ("dataset", "dataset_config_name", "train_split", "max_train_samples")
+MUST_MATCH = ("seed", "learning_rate", *MATCHING_DATA_SETTINGS, *MATCHING_CONFIG_FIELDS)
 # How the global batch is laid out. A dataset read in `GlobalOrder` only needs the same global batch; a stream
 # (and a checkpoint from before the global order) counts its position in each process's own micro-batches.
 BATCH_LAYOUT = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
@@ -202,6 +210,35 @@ def resume_advice(name: str, saved: dict) -> str:
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:
     return TrainerState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+# What a finished or interrupted run leaves in its output folder (the trackers' folder aside).
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "results.json", "run_config.json", "knn_curve.json",
+             "knn_curve.png", "training_curves.png")  # fmt: skip
+
+
+def clear_or_refuse_previous_run(output_dir: Path, overwrite: bool) -> None:
+    """Before a fresh run (not a resume): a folder holding another run's checkpoints, model or metrics is refused,
+    or, with `overwrite`, emptied of that run's files. Mixing them would overwrite some of the old run's steps,
+    let the limit rotate away the new run's own (the old run's later steps count as newer), point `latest` at the
+    other run and append to its metrics."""
+    found = [name for name in ("checkpoints", "model", "metrics.jsonl")
+             if (output_dir / name).is_file() or any((output_dir / name).glob("*"))]  # fmt: skip
+    if not found:
+        return
+    if not overwrite:
+        raise UsageError(
+            f"`output_dir` {str(output_dir)!r} holds another run ({', '.join(found)}): continue it with "
+            "`resume_from_checkpoint` latest, or replace it with `overwrite_output_dir` (or choose another folder)."
+        )
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    logger.warning("Removed the previous run's checkpoints, model and metrics from %s (overwrite_output_dir).",
+                   output_dir)  # fmt: skip
 
 
 def check_output_dir(output_dir: Path, model: torch.nn.Module) -> None:

@@ -22,9 +22,10 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 
 from .augmentation import evaluation_transform
+from .command_line import CommandLineParser, as_flags
 from .configuration_moco import MocoConfig
 from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
-from .errors import CommandLineParser, DataError, UsageError, as_flags
+from .errors import DataError, UsageError
 from .export import timm_reference
 from .knn import KNN_FEATURES, extract_features, moco_features
 from .loading_errors import check_is_moco_model

@@ -4,7 +4,8 @@
 # The CIFAR stem (3x3/1 conv1, no max-pool) costs ~12x timm's stem per step on this CPU and still wins at equal
 # compute (README, "The main job"). Where the CPU runs bf16 natively (AVX512-BF16 or AMX), bf16 autocast makes the
 # trainer 2.3x faster on this machine, so the same ~6.5 minutes train 160 steps instead of fp32's 42.
-# Extra arguments go to training/pretrain.py (e.g. --max_train_steps 100).
+# Extra arguments go to training/pretrain.py (e.g. --max_train_steps 100). Each run replaces the previous one's
+# outputs (--overwrite_output_dir); pass --resume_from_checkpoint latest to continue it instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -25,4 +26,4 @@ exec .venv/bin/python training/pretrain.py \
     --per_device_train_batch_size 128 --learning_rate 0.03 --momentum 0.99 --queue_size 1024 \
     --cifar_stem "${budget[@]}" \
     --knn_max_train_samples 10000 --knn_max_eval_samples 2000 \
-    --output_dir outputs/cifar10-resnet18 "$@"
+    --output_dir outputs/cifar10-resnet18 --overwrite_output_dir "$@"

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -354,15 +355,26 @@ def test_resume_refuses_a_checkpoint_whose_pickle_runs_code(small_dataset, tmp_p
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.fixture
-def run_with_two_checkpoints(small_dataset, tmp_path):
-    """A finished 4-step run with checkpoints at steps 2 and 4, and the arguments that made it."""
-    out = tmp_path / "run"
-    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--knn_at_start", "false", "--output_dir", str(out),
+def two_checkpoint_arguments(dataset: Path, out: Path) -> list[str]:
+    return [*FAST_TRAINING, "--dataset_name", str(dataset), "--knn_at_start", "false", "--output_dir", str(out),
             "--checkpointing_steps", "2"]  # fmt: skip
-    result = run_pretrain(*args, "--max_train_steps", "4")
+
+
+@pytest.fixture(scope="module")
+def trained_with_two_checkpoints(small_dataset, tmp_path_factory):
+    """One finished 4-step run with checkpoints at steps 2 and 4, trained once for the module."""
+    out = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    result = run_pretrain(*two_checkpoint_arguments(small_dataset, out), "--max_train_steps", "4")
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, args
+    return out
+
+
+@pytest.fixture
+def run_with_two_checkpoints(trained_with_two_checkpoints, small_dataset, tmp_path):
+    """A copy of that run for this test to change, and the arguments that made it (pointing at the copy)."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_with_two_checkpoints, out, ignore=shutil.ignore_patterns(".lock"))
+    return out, two_checkpoint_arguments(small_dataset, out)
 
 
 def flip_a_byte(path: Path) -> None:
@@ -421,7 +433,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
     assert second.returncode == 2 and f"another run (pid {first.pid}) is writing to" in one_line_error(second)
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate()
-    third = run_pretrain(*args, "--max_train_steps", "2")
+    third = run_pretrain(*args, "--max_train_steps", "2", "--overwrite_output_dir")  # the killed run left metrics
     assert third.returncode == 0, third.stderr[-3000:]
 
 
@@ -433,10 +445,27 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
         (["--per_device_train_batch_size", "8"], "global_batch_size is 8 but checkpoint step_4 was trained with 16"),
         (["--queue_size", "128"], "queue_size is 128 but checkpoint step_4 was trained with 64"),
         (["--backbone", "resnet34"], "backbone is 'resnet34' but checkpoint step_4 was trained with 'resnet18'"),
+        # Once resumed silently, the run then described by the new values:
+        (["--image_size", "64"], "image_size is 64 but checkpoint step_4 was trained with 32"),
+        (["--softmax_temperature", "0.5"], "softmax_temperature is 0.5 but checkpoint step_4 was trained with 0.2"),
+        (["--momentum", "0.9"], "momentum is 0.9 but checkpoint step_4 was trained with 0.999"),
+        (["--image_mean", "0.5", "0.5", "0.5"], "image_mean is [0.5, 0.5, 0.5] but checkpoint step_4 was trained"),
+        (["--weight_decay", "0.01"], "weight_decay is 0.01 but checkpoint step_4 was trained with 0.0001"),
+        (["--lr_scheduler_type", "step"], "lr_schedule is 'step' but checkpoint step_4 was trained with 'cosine'"),
+        (["--max_train_samples", "100"], "max_train_samples is 100 but checkpoint step_4 was trained with None"),
+        (["--dataset_name", "{other}"], "dataset is '{other}' but checkpoint step_4 was trained with '{dataset}'"),
     ],
 )
-def test_changed_settings_on_resume_are_refused_with_the_field_named(run_with_two_checkpoints, changed, message):
+def test_changed_settings_on_resume_are_refused_with_the_field_named(
+    run_with_two_checkpoints, small_dataset, tmp_path, changed, message
+):
     _, args = run_with_two_checkpoints
+    other = tmp_path / "other_dataset"
+    shutil.copytree(small_dataset, other)
+    places = {"{other}": str(other), "{dataset}": str(small_dataset)}
+    changed = [places.get(word, word) for word in changed]
+    for place, value in places.items():
+        message = message.replace(place, value)
     result = run_pretrain(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", *changed)
     assert result.returncode == 2 and message in one_line_error(result)
 
@@ -572,3 +601,30 @@ def test_a_loaded_config_cannot_make_timm_build_for_minutes(tmp_path, kwargs, me
     with pytest.raises(ValueError, match=message):
         MocoModel.from_pretrained(tmp_path)
     assert time.monotonic() - started < 30
+
+
+def test_a_fresh_run_never_mixes_with_the_run_already_in_its_folder(small_dataset, cifar10_dir, tmp_path):
+    out = tmp_path / "run"
+    common = [*FAST_TRAINING, "--knn_at_start", "false", "--checkpointing_steps", "2", "--checkpoints_total_limit",
+              "2", "--output_dir", str(out)]  # fmt: skip
+    first = run_pretrain(*common, "--dataset_name", str(small_dataset), "--max_train_steps", "6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    def files() -> dict:
+        return {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"}
+
+    before = files()
+    # Another run into the same folder, without resuming: refused in one line naming both ways on, nothing touched.
+    other = [*common, "--dataset_name", str(cifar10_dir), "--max_train_samples", "64", "--seed", "3"]
+    second = run_pretrain(*other, "--max_train_steps", "4")
+    assert second.returncode == 2
+    error = one_line_error(second)
+    assert "holds another run (checkpoints, model, metrics.jsonl)" in error
+    assert "--resume_from_checkpoint latest" in error and "--overwrite_output_dir" in error
+    assert files() == before
+    # Told to overwrite: the first run's files go first, so nothing of it is left to mix with.
+    third = run_pretrain(*other, "--max_train_steps", "4", "--overwrite_output_dir")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(out)] == ["step_2", "step_4"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]
+    assert json.loads((out / "results.json").read_text())["steps"] == 4

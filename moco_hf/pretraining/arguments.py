@@ -128,6 +128,11 @@ class TrainArguments:
     checkpointing_steps: int | None = field(default=None, metadata={"help": "Save every N steps (and at the end)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output_dir that holds another run (its checkpoints, model and metrics "
+                  "are removed first); without it, or --resume_from_checkpoint, such a folder is refused."},
+    )  # fmt: skip
     with_tracking: bool = field(default=False, metadata={"help": "Log to trackers (--report_to, else tensorboard)."})
     report_to: str | None = field(
         default=None, metadata={"help": "tensorboard | wandb | all | ... (turns tracking on; 'none': off)."}

@@ -8,7 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from ..errors import CommandLineParser, RunError, TrainingStopped, UsageError, as_flags
+from ..command_line import CommandLineParser, as_flags
+from ..errors import RunError, TrainingStopped, UsageError
 from .arguments import MocoTrainingArguments, without_secrets
 from .trainer import train
 

@@ -15,9 +15,11 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..checkpointing import (
     MATCHING_CONFIG_FIELDS,
+    MATCHING_DATA_SETTINGS,
     OutputDirLock,
     TrainerState,
     check_output_dir,
+    clear_or_refuse_previous_run,
     load_checkpoint,
     remove_incomplete_checkpoints,
     resolve_checkpoint,
@@ -116,6 +118,8 @@ def run_settings(config: MocoConfig, plan: DataPlan, args: MocoTrainingArguments
         "learning_rate": learning_rate,
         "dataloader_num_workers": args.dataloader_num_workers,
         "total_steps": plan.total_steps,
+        "dataset": args.dataset_name or "the default CIFAR-10",  # as given: a path may move with the machine
+        **{name: getattr(args, name) for name in MATCHING_DATA_SETTINGS if name != "dataset"},
         **{name: getattr(config, name) for name in MATCHING_CONFIG_FIELDS},
     }
 
@@ -173,6 +177,8 @@ def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]
         check_output_dir(output_dir, model)
         lock = OutputDirLock(output_dir)  # released when `train` returns, or by the kernel when the process dies
     try:
+        if lock is not None and not args.resume_from_checkpoint:  # under the lock: no live run is cleared
+            clear_or_refuse_previous_run(output_dir, args.overwrite_output_dir)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         run = Run(args, config, accelerator, model, optimizer, scheduler, plan, build_augmentation(config, args),
                   None, learning_rate, output_dir, command, lock)  # fmt: skip
