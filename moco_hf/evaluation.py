@@ -27,7 +27,7 @@ from .configuration_moco import MocoConfig
 from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
 from .errors import DataError, UsageError
 from .export import timm_reference
-from .knn import KNN_FEATURES, extract_features, moco_features
+from .knn import KNN_FEATURES, extract_feature_sets, moco_features
 from .loading_errors import check_is_moco_model
 from .modeling_moco import MocoModel
 
@@ -127,7 +127,7 @@ def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tupl
     transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
     pairs = labelled_images(dataset, image_column, label_column, limit=limit)
     with torch.inference_mode():
-        feature_sets, labels = extract_features(encoder.encode, pairs, transform, batch_size=args.batch_size)
+        feature_sets, labels = extract_feature_sets(encoder.encode, pairs, transform, batch_size=args.batch_size)
     if not feature_sets:
         raise DataError(f"split {split!r} of {dataset_name} has no decodable images.")
     if args.feature not in feature_sets:

@@ -66,7 +66,7 @@ def moco_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, tor
 
 
 @torch.no_grad()
-def extract_features(
+def extract_feature_sets(
     encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
     pairs: Iterable[tuple[object, int]],
     transform: Callable[[object], torch.Tensor],
@@ -94,6 +94,20 @@ def extract_features(
     if images:
         flush()
     return {name: torch.cat(parts) for name, parts in features.items()}, torch.tensor(labels, dtype=torch.long)
+
+
+def extract_features(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    pairs: Iterable[tuple[object, int]],
+    transform: Callable[[object], torch.Tensor],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features (N, D) and labels (N,) of (image, label) pairs, `encode` giving one feature per image
+    (`extract_feature_sets` for several)."""
+    features, labels = extract_feature_sets(lambda images: {"features": encode(images)}, pairs, transform,
+                                            batch_size, device)  # fmt: skip
+    return features.get("features", torch.empty(0, 0)), labels
 
 
 def knn_accuracy(
@@ -236,7 +250,7 @@ class KnnMonitor:
             with accelerator.autocast():
                 return moco_features(model, images)
 
-        features, labels = extract_features(encode, pairs, self.transform, self.batch_size, accelerator.device)
+        features, labels = extract_feature_sets(encode, pairs, self.transform, self.batch_size, accelerator.device)
         gathered = gather_object([(features, labels)])
         if not any(f for f, _ in gathered):
             raise DataError(

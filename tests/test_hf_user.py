@@ -275,3 +275,22 @@ def test_a_small_folder_of_ones_own_trains_with_default_flags(class_sorted_folde
     else:  # was: IndexError, or "cannot tell the label column": trains, without the monitor, saying so once
         assert results["knn_top1"] is None and result.stderr.count("Training without the kNN monitor") == 1
         assert "cannot tell the label column" in result.stderr
+
+
+def test_a_transformers_trainer_checkpoint_loads_with_auto_model_and_the_pipeline(cifar_tensor, cifar_images, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = MocoModel(MocoConfig.from_preset("v2", backbone="test_resnet", queue_size=32, image_size=32))
+    images = cifar_tensor[:32]
+    train = Dataset.from_dict({"pixel_values": images.numpy(), "key_pixel_values": images.flip(3).numpy()})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=2, save_steps=2,
+                             optim="sgd", report_to="none", dataloader_drop_last=True)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=train.with_format("torch")).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file()  # transformers' own, beside config.json: not ours
+    loaded = AutoModel.from_pretrained(checkpoint).eval()  # was refused as "a training checkpoint, no config.json"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    extractor = pipeline("image-feature-extraction", model=str(checkpoint), pool=True)
+    assert torch.tensor(extractor(cifar_images[0][:2])).reshape(2, -1).shape == (2, model.num_features)

@@ -224,6 +224,7 @@ def test_save_and_auto_load_round_trip(tmp_path, cifar_tensor, backbone, kwargs)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".py")) == [
         "config.json",
         "model.safetensors",
+        "preprocessor_config.json",  # the image processor of the config, for AutoImageProcessor and the pipeline
     ]
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     loaded = AutoModel.from_pretrained(tmp_path)

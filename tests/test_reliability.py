@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import FAST_TRAINING, PRETRAIN, REPO_ROOT, command_and_env, expected_skips, run_pretrain
+from conftest import FAST_TRAINING, PRETRAIN, REPO_ROOT, command_and_env, expected_skips, launch, run_pretrain
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.checkpointing import TrainerState, non_finite_tensors, save_checkpoint, write_manifest
@@ -62,7 +62,8 @@ def one_line_error(result) -> str:
 def test_sigkill_mid_step_and_mid_save_then_resume_matches_an_uninterrupted_run(small_dataset, tmp_path):
     args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--max_train_steps", "8",
             "--checkpointing_steps", "1", "--knn_at_start", "false"]  # fmt: skip
-    reference = run_pretrain(*args, "--output_dir", str(tmp_path / "reference"))
+    # Every run of this test in its own process, as the killed ones must be: the same threads, the same numerics.
+    reference = launch(PRETRAIN, *args, "--output_dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out, rng = tmp_path / "killed", random.Random(0)
@@ -88,7 +89,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_an_uninterrupted_run(
             assert_loadable(checkpoint)
     assert caught_mid_save >= 1  # a save really was interrupted half-written
 
-    final = run_pretrain(*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
+    final = launch(PRETRAIN, *args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
     assert final.returncode == 0, final.stderr[-3000:]
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written save was removed, never resumed
     ours, theirs = (
@@ -286,26 +287,35 @@ def test_a_failing_loader_worker_ends_the_process_instead_of_hanging_at_exit(sma
     assert result.returncode == 1 and "IndexError: augmentation failed" in result.stderr
 
 
+def plant_first_convolution_weights(checkpoint: Path, value: float) -> None:
+    """Both encoders' first convolution set to `value` in a checkpoint (its manifest rewritten to match): weights at
+    the edge of float32, a fault the next step meets with the run's own settings."""
+    weights = load_file(checkpoint / "model.safetensors")
+    for name in [name for name in weights if name.endswith("backbone.conv1.weight")]:
+        weights[name] = torch.full_like(weights[name], value)
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(checkpoint)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "normalisation, message",
+    "value, message",
     [
-        # Inputs of -3e38 overflow in the first convolution: the loss itself is NaN.
-        (["--image_mean", "3e38", "3e38", "3e38"], "the loss became nan at step 3"),
-        # Inputs of ~1e38: BatchNorm keeps the loss finite, but its running variance becomes inf.
-        (["--image_std", "1e-38", "1e-38", "1e-38"], "the weights became non-finite at step 3"),
+        # Weights of 3e38 overflow the first convolution's outputs: the loss itself is NaN.
+        (3e38, "the loss became nan at step 3"),
+        # Weights of 1e30: BatchNorm keeps the loss finite, but its running variance (~1e62) becomes inf.
+        (1e30, "the weights became non-finite at step 3"),
     ],
     ids=["nan_loss", "inf_weights"],
 )
-def test_numerical_fault_stops_the_run_and_keeps_the_last_good_checkpoint(small_dataset, tmp_path, normalisation,
-                                                                          message):  # fmt: skip
+def test_numerical_fault_stops_the_run_and_keeps_the_last_good_checkpoint(small_dataset, tmp_path, value, message):
     out = tmp_path / "run"
     args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--checkpointing_steps", "1",
             "--knn_at_start", "false", "--output_dir", str(out)]  # fmt: skip
     assert run_pretrain(*args, "--max_train_steps", "2").returncode == 0
     model_before = (out / "model" / "model.safetensors").read_bytes()
-    # Resumed with a broken normalisation of the images: step 3 meets the fault.
-    result = run_pretrain(*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *normalisation)
+    plant_first_convolution_weights(out / "checkpoints" / "step_2", value)
+    result = run_pretrain(*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert result.returncode == 1
     assert message in one_line_error(result)
     assert [p.name for p in complete_checkpoints(out)] == ["step_1", "step_2"]
@@ -609,6 +619,7 @@ def test_a_fresh_run_never_mixes_with_the_run_already_in_its_folder(small_datase
               "2", "--output_dir", str(out)]  # fmt: skip
     first = run_pretrain(*common, "--dataset_name", str(small_dataset), "--max_train_steps", "6")
     assert first.returncode == 0, first.stderr[-3000:]
+
     def files() -> dict:
         return {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".lock"}
 

@@ -187,3 +187,15 @@ def test_a_run_resumes_on_another_process_count_at_the_same_global_batch(small_d
     assert "keep processes x --per_device_train_batch_size x --gradient_accumulation_steps equal to 8" in (
         refused.stderr
     )
+
+
+@pytest.mark.slow
+def test_fewer_processes_than_the_launcher_was_asked_for_are_said_out_loud(small_dataset, tmp_path):
+    # On a CPU machine `accelerate launch --num_processes 2` without --multi_gpu starts one process (exit 0).
+    _, env = command_and_env(PRETRAIN)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(PRETRAIN), *TINY_RUN, "--dataset_name",
+               str(small_dataset), "--output_dir", str(tmp_path / "run"), "--knn_monitor", "false"]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate launch was asked for 2 processes, but 1 runs" in result.stderr and "--multi_gpu" in result.stderr

@@ -113,6 +113,9 @@ def test_help_lists_the_choices_and_documents_every_argument(capsys):
         (["--per_device_train_batch_size", "4096"], "is larger than the dataset (200 images)"),
         (["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),  # was silently the preset's lr
         (["--learning_rate", "-1"], "--learning_rate must be > 0, got -1.0"),  # was a traceback
+        (["--backbone_kwargs", "{img_size: 32"], "--backbone_kwargs is not valid JSON"),  # was a 26-line traceback
+        (["--per_device_train_batch_size", "abc"], "invalid int value: 'abc'"),  # was 60 lines of usage first
+        (["--preset", "v9"], "invalid choice: 'v9'"),
     ],
 )
 def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, message):
@@ -121,7 +124,7 @@ def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, 
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
 
 
 @pytest.mark.slow

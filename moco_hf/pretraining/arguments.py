@@ -211,7 +211,11 @@ def build_config(args: MocoTrainingArguments) -> MocoConfig:
     """The preset's recipe, with every field given on the command line taking precedence."""
     overrides = {name: value for name, value in COMMAND_DEFAULTS.items() if name not in PRESETS[args.preset]}
     if args.backbone_kwargs is not None:
-        overrides["backbone_kwargs"] = json.loads(args.backbone_kwargs)
+        try:
+            overrides["backbone_kwargs"] = json.loads(args.backbone_kwargs)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"`backbone_kwargs` is not valid JSON ({error.msg} at character {error.pos}): "
+                             f"{args.backbone_kwargs!r}; e.g. '{{\"img_size\": 32}}'.") from error  # fmt: skip
     for name in ("backbone", "cifar_stem", "num_splits", "dim", "queue_size", "momentum", "softmax_temperature",
                  "mlp", "shuffle_bn", "projector_layers", "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
         if getattr(args, name) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,34 @@ def build_accelerator(args: MocoTrainingArguments) -> Accelerator:
         # (DDP's default) would copy K x dim floats per step for nothing.
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+
+
+def processes_asked_of_the_launcher() -> int | None:
+    """`--num_processes` of the `accelerate launch` that started this process, read from the launcher's command line
+    (Linux); None when there is none to read. Its one-process launcher keeps the number to itself."""
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(word == "launch" or word.endswith((".launch", "accelerate-launch")) for word in words):
+        return None  # `accelerate launch`, `python -m accelerate.commands.launch` or `accelerate-launch`
+    for index, word in enumerate(words):
+        value = word.split("=", 1)[1] if word.startswith("--num_processes=") else None
+        if word == "--num_processes" and index + 1 < len(words):
+            value = words[index + 1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def warn_if_fewer_processes_than_asked(accelerator: Accelerator) -> None:
+    asked = processes_asked_of_the_launcher()
+    if accelerator.is_main_process and asked is not None and asked > accelerator.num_processes:
+        logger.warning(
+            "accelerate launch was asked for %d processes, but %d runs: without GPUs, `accelerate launch` starts "
+            "several CPU processes only with --multi_gpu (e.g. accelerate launch --multi_gpu --num_processes %d "
+            "--num_machines 1 ...).", asked, accelerator.num_processes, asked,
+        )  # fmt: skip
 
 
 def build_model(config: MocoConfig, args: MocoTrainingArguments, world: int,
@@ -159,6 +188,7 @@ def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger("moco_hf").setLevel(logging.WARNING)
+    warn_if_fewer_processes_than_asked(accelerator)
     set_seed(args.seed)
     config = build_config(args)
     plan = plan_data(args, accelerator)
