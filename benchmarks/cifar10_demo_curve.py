@@ -42,10 +42,13 @@ def demo_log() -> dict:
 
 
 def knn_history(run: Path) -> list[dict]:
-    """The kNN measurements so far: from the newest checkpoint, so that a run stopped by a signal (which saves a
-    checkpoint but writes no knn_curve.json) counts too."""
+    """The kNN measurements so far: the run's knn_curve.json, or, where it is older (a run stopped by a signal writes
+    a checkpoint but no curve), the newest checkpoint's history."""
     newest = max((run / "checkpoints").glob("step_*"), key=lambda path: int(path.name.removeprefix("step_")))
-    return json.loads((newest / "trainer_state.json").read_text())["knn_history"]
+    history = json.loads((newest / "trainer_state.json").read_text())["knn_history"]
+    curve_file = run / "knn_curve.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.is_file() else []
+    return curve if curve and curve[-1]["step"] >= history[-1]["step"] else history
 
 
 def epoch_rows(run: Path) -> list[dict]:
