@@ -191,9 +191,9 @@ def without_secrets(words: list[str]) -> list[str]:
 def command_line(args: MocoTrainingArguments) -> list[str]:
     """`moco-hf train` with a flag for every setting that differs from its default: the run's command line
     (secrets hidden)."""
-    words = ["moco-hf", "train"]
+    words, settings = ["moco-hf", "train"], recorded_settings(args)
     for argument in fields(args):
-        value, default = recorded_settings(args)[argument.name], argument.default
+        value, default = settings[argument.name], argument.default
         if argument.default_factory is not MISSING:
             default = argument.default_factory()
         if value != default:

@@ -79,8 +79,10 @@ def processes_asked_of_the_launcher() -> int | None:
 
 
 def warn_if_fewer_processes_than_asked(accelerator: Accelerator) -> None:
+    if not accelerator.is_main_process:
+        return
     asked = processes_asked_of_the_launcher()
-    if accelerator.is_main_process and asked is not None and asked > accelerator.num_processes:
+    if asked is not None and asked > accelerator.num_processes:
         logger.warning(
             "accelerate launch was asked for %d processes, but %d runs: without GPUs, `accelerate launch` starts "
             "several CPU processes only with --multi_gpu (e.g. accelerate launch --multi_gpu --num_processes %d "
