@@ -154,8 +154,11 @@ def run_recipe(*args: str) -> subprocess.CompletedProcess:
 def test_the_reproduction_recipe_runs_the_first_epochs_of_the_demos_schedule(small_dataset, tmp_path):
     out = tmp_path / "recipe"
     common = ["--dataset_name", str(small_dataset), "--output_dir", str(out)]  # 200 epochs of 12 steps by default
-    result = run_recipe(*common, "--stop_after_epochs", "2")
+    result = run_recipe(*common, "--stop_after_epochs", "2", "--checkpointing_steps", "12")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The last step is also a checkpointing step: its checkpoint is written after the final kNN and holds it.
+    state = json.loads((out / "checkpoints" / "step_24" / "trainer_state.json").read_text())
+    assert [point["step"] for point in state["knn_history"]] == [12, 24]
     results = json.loads((out / "results.json").read_text())
     assert {"knn_top1", "epochs", "train_seconds", "seconds_per_epoch", "device", "command"} <= results.keys()
     assert results["epochs"] == 2 and results["steps"] == 24 and "cifar10-demo" in results["command"]

@@ -130,7 +130,8 @@ def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]], st
                 window = MetricsWindow()
             if eval_every_steps and step % eval_every_steps == 0 and not last and not over_budget:
                 logger.info("step %d: kNN top-1 %.2f%%", step, record_knn(run, state))
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            ends_here = last or over_budget  # `finish` saves the last step, after its kNN
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and not ends_here:
                 checkpoint(run, state)
             if over_budget:
                 logger.warning("--max_train_minutes %s reached at step %d: stopping.", args.max_train_minutes, step)

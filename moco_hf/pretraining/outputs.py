@@ -123,8 +123,7 @@ def finish(run: Run, state: TrainerState) -> dict[str, Any]:
     """The final kNN, checkpoint, model with its card, results, curves and Hub push; returns the results (an empty
     dict on processes other than the main one)."""
     accuracy = record_knn(run, state)
-    if not (run.args.checkpointing_steps and state.completed_steps % run.args.checkpointing_steps == 0):
-        checkpoint(run, state)
+    checkpoint(run, state)  # after the final kNN, so that a resume keeps its point of the curve
     if not run.accelerator.is_main_process:
         return {}
     save_model(run, state, run.output_dir / "model")
