@@ -45,16 +45,20 @@ class HubPublisher:
         self.repo_id, self.private, self.revision, self.create_pr = repo_id, private, revision, create_pr
         self.ready: bool | None = None  # None until the repo creation has answered
         self.failures = 0
+        self.problem: str | None = None  # why something was not uploaded, in a few words
         self.jobs: queue.Queue[Upload] = queue.Queue()
         self.current: Upload | None = None
+        self.last_queued: Upload | None = None
+        self.last_pushed: Upload | None = None
         threading.Thread(target=self._work, name="hub-uploads", daemon=True).start()
 
     def upload(self, folder: Path, message: str, remove_after: bool = False) -> None:
         """Queue `folder` for upload (its files replace those of the repo); `remove_after` deletes it when done."""
-        self.jobs.put(Upload(folder, message, remove_after))
+        self.last_queued = Upload(folder, message, remove_after)
+        self.jobs.put(self.last_queued)
 
     def finish(self, wait_seconds: float) -> bool:
-        """Wait up to `wait_seconds` for the queued uploads; True when every one succeeded."""
+        """Wait up to `wait_seconds` for the queued uploads; True when the last one (the final model) succeeded."""
         deadline = time.monotonic() + wait_seconds
         if self.jobs.unfinished_tasks:
             logger.info("Waiting up to %.0f s for the uploads to %s...", wait_seconds, self.repo_id)
@@ -64,7 +68,14 @@ class HubPublisher:
         if self.jobs.unfinished_tasks:
             self._give_up(wait_seconds)
             return False
-        return bool(self.ready) and self.failures == 0
+        return self.last_pushed is self.last_queued is not None
+
+    def status_line(self, pushed: bool, model_folder: Path) -> str:
+        """The run's last line about the Hub: where the model went, or what was not uploaded and how to do it."""
+        if pushed:
+            return f"Pushed to the Hub: {self.repo_id}"
+        return (f"NOT pushed to the Hub ({self.problem}): the local model is complete; upload it with "
+                f"`hf upload {self.repo_id} {model_folder}`")  # fmt: skip
 
     def _work(self) -> None:
         try:
@@ -82,6 +93,7 @@ class HubPublisher:
                     self.api.upload_folder(repo_id=self.repo_id, folder_path=self.current.folder,
                                            commit_message=self.current.message, revision=self.revision,
                                            create_pr=self.create_pr)  # fmt: skip
+                    self.last_pushed = self.current
                     logger.info("Pushed %s to the Hub repo %s.", self.current.folder.name, self.repo_id)
             except Exception as error:
                 self._report(error)
@@ -103,6 +115,7 @@ class HubPublisher:
             if upload.remove_after:
                 shutil.rmtree(upload.folder, ignore_errors=True)
         final = [str(u.folder) for u in abandoned if not u.remove_after]
+        self.problem = self.problem or f"the Hub did not answer within {wait_seconds:.0f} s"
         logger.warning(
             "The Hub did not answer within %.0f s: %s not uploaded to %s. The local files are complete; push them "
             "later with `hf upload %s %s`.",
@@ -112,6 +125,7 @@ class HubPublisher:
 
     def _report(self, error: BaseException) -> None:
         self.failures += 1
+        self.problem = self.problem or f"{type(error).__name__}: {first_line(error)}"
         if self.failures == 1:
             logger.warning(
                 "Pushing to the Hub repo %s failed (%s: %s). The local model and checkpoints are complete and "

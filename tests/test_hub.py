@@ -60,12 +60,19 @@ def test_push_then_load_with_auto_model_timm_pipeline_and_remote_code(hub, cifar
 FAST = [*FAST_TRAINING, "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]
 
 
-def train_and_push(dataset, out, repo_id: str, *extra: str, timeout: int = 600):
-    """A short real pretraining with `--push_to_hub` to `repo_id`; it must finish (rc 0) whatever the Hub does."""
+def train_and_push(dataset, out, repo_id: str, *extra: str, timeout: int = 600, pushed: bool = True):
+    """A short real pretraining with `--push_to_hub` to `repo_id`; it must finish whatever the Hub does, with exit
+    status 0 when the model reached the Hub and 3 (its last line saying what to upload) when it did not."""
     # A fresh process: huggingface_hub reads HF_ENDPOINT (the local server) when it is imported.
     result = launch(PRETRAIN, *FAST, "--dataset_name", str(dataset), "--output_dir", str(out), "--push_to_hub",
                     "--hub_model_id", repo_id, *extra, timeout=timeout)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == (0 if pushed else 3), result.stderr[-3000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    if pushed:
+        assert last_line == f"Pushed to the Hub: {repo_id}"
+    else:
+        assert last_line.startswith("NOT pushed to the Hub (") and f"`hf upload {repo_id} {out / 'model'}`" in last_line
+    assert json.loads((out / "results.json").read_text())["pushed_to_hub"] is pushed
     return result
 
 
@@ -126,7 +133,7 @@ def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_pa
             closed.bind(("127.0.0.1", 0))
             monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
     out = tmp_path / "run"
-    result = train_and_push(small_dataset, out, "tester/failing", "--hub_strategy", strategy)
+    result = train_and_push(small_dataset, out, "tester/failing", "--hub_strategy", strategy, pushed=False)
     assert result.stderr.count("Pushing to the Hub repo tester/failing failed") == 1
     assert "training goes on" in result.stderr
     assert "Pushed to the Hub" not in result.stdout
@@ -165,7 +172,7 @@ def test_a_hub_that_never_answers_costs_a_bounded_wait_at_the_end(silent_hub, sm
     out = tmp_path / "run"
     started = time.monotonic()
     result = train_and_push(small_dataset, out, "tester/hung", "--hub_strategy", "every_save", "--hub_wait_seconds",
-                            "3", timeout=300)  # fmt: skip
+                            "3", timeout=300, pushed=False)  # fmt: skip
     assert "The Hub did not answer within 3 s" in result.stderr
     assert "not uploaded to tester/hung" in result.stderr and f"hf upload tester/hung {out / 'model'}" in result.stderr
     assert not list(out.glob(".hub-upload-*"))  # the snapshots made for the hung uploads are deleted

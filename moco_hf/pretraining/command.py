@@ -13,6 +13,7 @@ from ..errors import RunError, TrainingStopped, UsageError
 from .arguments import MocoTrainingArguments, without_secrets
 from .trainer import train
 
+PUSH_FAILED = 3  # trained and saved locally; the Hub push did not happen
 ARGUMENT_NAMES = frozenset(argument.name for argument in fields(MocoTrainingArguments))
 
 
@@ -23,10 +24,11 @@ def parse_arguments(argv: list[str]) -> MocoTrainingArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """The command: parse `argv` (default `sys.argv[1:]`), train, and return the exit status: 0, 1 for a run that
-    cannot go on, 2 for a usage or data error (one line on stderr each), 128 + signal when stopped by one."""
+    cannot go on, 2 for a usage or data error (one line on stderr each), 3 when the run finished but its model did
+    not reach the Hub (`--push_to_hub`; the last line says what to upload), 128 + signal when stopped by one."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        train(parse_arguments(argv), command=shlex.join(without_secrets([Path(sys.argv[0]).name, *argv])))
+        results = train(parse_arguments(argv), command=shlex.join(without_secrets([Path(sys.argv[0]).name, *argv])))
     except UsageError as error:
         print(f"error: {as_flags(str(error), ARGUMENT_NAMES)}", file=sys.stderr)
         return 2
@@ -35,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingStopped as stopped:
         return 128 + stopped.signal_number
-    return 0
+    return PUSH_FAILED if results.get("pushed_to_hub") is False else 0

@@ -92,8 +92,9 @@ def checkpoint(run: Run, state: TrainerState) -> None:
         run.publisher.upload(snapshot, f"Training in progress, step {state.completed_steps}", remove_after=True)
 
 
-def write_results(run: Run, state: TrainerState, accuracy: float | None) -> dict[str, Any]:
-    """`results.json`, the kNN curve (JSON and PNG, against epochs) and the training curves."""
+def write_results(run: Run, state: TrainerState, accuracy: float | None, pushed: bool | None) -> dict[str, Any]:
+    """`results.json`, the kNN curve (JSON and PNG, against epochs) and the training curves. `pushed`: whether the
+    model reached the Hub (None without `push_to_hub`)."""
     history, epochs = state.knn_history, state.completed_steps / run.plan.steps_per_epoch
     results = {
         "knn_top1": accuracy,
@@ -109,6 +110,8 @@ def write_results(run: Run, state: TrainerState, accuracy: float | None) -> dict
         "skipped_images": state.skipped_images,
         "device": describe_hardware(run.accelerator.num_processes, run.accelerator.device),
         "command": run.command,
+        "hub_model_id": run.publisher.repo_id if run.publisher else None,
+        "pushed_to_hub": pushed,
     }
     (run.output_dir / "results.json").write_text(json.dumps(results, indent=2))
     if history:
@@ -126,22 +129,25 @@ def finish(run: Run, state: TrainerState) -> dict[str, Any]:
     checkpoint(run, state)  # after the final kNN, so that a resume keeps its point of the curve
     if not run.accelerator.is_main_process:
         return {}
-    save_model(run, state, run.output_dir / "model")
+    model_folder = run.output_dir / "model"
+    save_model(run, state, model_folder)
+    pushed = None
     if run.publisher is not None:
-        run.publisher.upload(run.output_dir / "model", f"End of training, step {state.completed_steps}")
-    results = write_results(run, state, accuracy)
+        run.publisher.upload(model_folder, f"End of training, step {state.completed_steps}")
+        pushed = run.publisher.finish(run.args.hub_wait_seconds)
+    results = write_results(run, state, accuracy, pushed)
     if state.skipped_images:
         logger.warning("%d images could not be decoded and were skipped.", state.skipped_images)
-    if run.publisher is not None and run.publisher.finish(run.args.hub_wait_seconds):
-        print(f"Pushed to the Hub: {run.publisher.repo_id}")
-    model = f"after {state.completed_steps} steps. Model: {run.output_dir / 'model'}"
+    model = f"after {state.completed_steps} steps. Model: {model_folder}"
     if run.knn is None:
         print(f"Trained {model} (kNN monitor off)")
-        return results
-    initial = results["knn_top1_initial"]
-    print(
-        f"kNN top-1 (k={run.knn.k}) on {run.knn.query_description}: "
-        + (f"random init {initial:.2f}% -> " if initial is not None else "")
-        + f"MoCo {accuracy:.2f}% {model}"
-    )
+    else:
+        initial = results["knn_top1_initial"]
+        print(
+            f"kNN top-1 (k={run.knn.k}) on {run.knn.query_description}: "
+            + (f"random init {initial:.2f}% -> " if initial is not None else "")
+            + f"MoCo {accuracy:.2f}% {model}"
+        )
+    if run.publisher is not None:
+        print(run.publisher.status_line(bool(pushed), model_folder))
     return results
