@@ -248,7 +248,7 @@ class MocoEncoder(nn.Module):
 
 class MocoPreTrainedModel(PreTrainedModel):
     config_class = MocoConfig
-    base_model_prefix = "encoder_q"  # the query encoder: `model.base_model`, the network to transfer
+    base_model_prefix = "encoder_q"  # the checkpoint's key prefix of the query encoder (see `MocoModel.base_model`)
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     # `transformers.Trainer`: the loss is a per-batch mean, so gradient accumulation averages it (no token counts).
@@ -335,6 +335,12 @@ class MocoModel(MocoPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             image_processor_for(self.config).save_pretrained(save_directory)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The query encoder's backbone, the network users transfer: its pooled output is `get_image_features`'s
+        `pooler_output` (not the query encoder with its projection head, which `base_model_prefix` names)."""
+        return self.encoder_q.backbone
 
     @property
     def num_features(self) -> int:

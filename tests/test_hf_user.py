@@ -134,6 +134,15 @@ def test_the_pipeline_loads_a_folder_written_by_save_pretrained(cifar_images, tm
     torch.testing.assert_close(features, expected, atol=1e-4, rtol=0)
 
 
+def test_base_model_is_the_backbone_whose_features_users_transfer(cifar_tensor):
+    model = MocoModel(MocoConfig(backbone="resnet18", queue_size=64, mlp=True)).eval()
+    with torch.no_grad():
+        pooled = model.base_model(cifar_tensor[:4])
+        expected = model.get_image_features(cifar_tensor[:4]).pooler_output
+    assert pooled.shape == (4, model.num_features) == (4, 512)  # not the 128-d projection
+    torch.testing.assert_close(pooled, expected, atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_export_carries_the_runs_card_and_refuses_what_is_not_a_moco_model(trained_run, tmp_path, capsys):
     encoder = tmp_path / "encoder"
