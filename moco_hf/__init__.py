@@ -1,6 +1,6 @@
 """moco-hf: MoCo (Momentum Contrast) pretraining of timm vision encoders, native to Hugging Face.
 
-The model (`MocoConfig`, `MocoModel`) and the training run (`train`, `MocoTrainingArguments`, from
+The model (`MocoConfig`, `MocoModel`, and `MocoBackbone` for detectors and segmenters) and the training run (`train`, `MocoTrainingArguments`, from
 `moco_hf.pretraining`, imported on first use) are importable from here; the pieces live in submodules:
 `moco_hf.data` (datasets streams of two-crop batches), `moco_hf.augmentation`, `moco_hf.knn`,
 `moco_hf.checkpointing`, `moco_hf.schedules`, `moco_hf.optimization`, `moco_hf.model_card`, `moco_hf.export`,
@@ -10,14 +10,16 @@ and the `moco-hf` command are thin layers over them.
 
 from typing import Any
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoBackbone, AutoConfig, AutoModel
 
+from .backbone import MocoBackbone
 from .configuration_moco import PRESETS, MocoConfig
 from .export import export_encoder
 from .modeling_moco import MocoModel, MocoOutput, SplitBatchNorm2d, concat_all_gather
 
 AutoConfig.register(MocoConfig.model_type, MocoConfig, exist_ok=True)
 AutoModel.register(MocoConfig, MocoModel, exist_ok=True)
+AutoBackbone.register(MocoConfig, MocoBackbone, exist_ok=True)  # detectors and segmenters: `backbone_config`
 # save_pretrained/push_to_hub then also write an `auto_map` and these two modules, for trust_remote_code loading.
 MocoConfig.register_for_auto_class()
 MocoModel.register_for_auto_class("AutoModel")
@@ -36,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "PRESETS",
+    "MocoBackbone",
     "MocoConfig",
     "MocoModel",
     "MocoOutput",

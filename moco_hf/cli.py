@@ -2,6 +2,8 @@
 
 moco-hf train --backbone resnet18 --image_size 32 ...   # pretrain: every flag of training/pretrain.py
 moco-hf export MODEL OUTPUT_DIR [--repo_id USER/NAME]   # query backbone in timm's format (+ model card)
+moco-hf export MODEL r50.pth --format torchvision       # ... as a torchvision ResNet state dict
+moco-hf export MODEL r50.pkl --format detectron2        # ... as detectron2 ResNet weights
 moco-hf convert official.pth.tar OUTPUT_DIR            # facebookresearch/moco -> MocoModel (save_pretrained)
 moco-hf convert MODEL out.pth.tar --to official        # MocoModel -> facebookresearch/moco layout
 """
@@ -18,15 +20,21 @@ from .errors import UsageError
 
 
 def export(args: argparse.Namespace) -> None:
-    from .export import export_encoder
+    from .export import export_detectron2, export_encoder, export_torchvision
     from .model_card import TrainingSummary, render_model_card
     from .modeling_moco import MocoModel
 
     model = MocoModel.from_pretrained(args.model)  # one line for a folder that is not a MocoModel
+    if args.format != "timm" and args.repo_id:
+        raise UsageError("--repo_id pushes the timm format only (a Hub repo of the encoder with its model card).")
+    writer = {"timm": export_encoder, "torchvision": export_torchvision, "detectron2": export_detectron2}[args.format]
     try:
-        output = export_encoder(model, args.output_dir)
-    except ValueError as error:  # an encoder timm cannot rebuild (CIFAR stem)
+        output = writer(model, args.output)
+    except ValueError as error:  # an encoder the format cannot express (CIFAR stem, not a ResNet...)
         raise UsageError(str(error)) from error
+    if args.format != "timm":
+        print(f"Encoder written to {output} ({args.format} format)")
+        return
     repo_id = args.repo_id or f"<your-username>/{output.resolve().name}"  # the snippets name a repo to push to
     summary = TrainingSummary.load(args.model)  # the run's data, results and settings, when the trainer saved them
     render_model_card(model.config, repo_id, kind="encoder", summary=summary).save(output / "README.md")
@@ -57,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for --help; `main` hands its arguments to the pretraining command's own parser.
     commands.add_parser("train", add_help=False, help="Pretrain a MoCo model (moco-hf train --help for the flags).")
 
-    export_parser = commands.add_parser("export", help="Export the query backbone in timm's Hub format.")
+    export_parser = commands.add_parser("export", help="Export the query backbone (timm, torchvision, detectron2).")
     export_parser.add_argument("model", help="A MocoModel folder or Hub repo id.")
-    export_parser.add_argument("output_dir", type=Path)
+    export_parser.add_argument("output", type=Path, help="A folder (timm format) or a file (torchvision, detectron2).")
+    export_parser.add_argument("--format", choices=("timm", "torchvision", "detectron2"), default="timm",
+                               help="timm: a Hub-format folder with a model card; torchvision: a ResNet state dict "
+                                    "(.pth); detectron2: ResNet weights for MODEL.WEIGHTS (.pkl).")  # fmt: skip
     export_parser.add_argument("--repo_id", help="Also push the encoder to this Hub repo.")
     export_parser.add_argument("--token", help="Hub token (default: the logged-in one).")
     export_parser.add_argument("--private", action="store_true", help="Create the repo as private.")

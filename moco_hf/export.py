@@ -1,10 +1,14 @@
-"""Export a MocoModel's query backbone in timm's Hub format, loadable without `moco_hf`."""
+"""Export a MocoModel's query backbone for use without `moco_hf`: timm's Hub format, a torchvision ResNet state
+dict, or detectron2's ResNet weights (the layout of facebookresearch/moco's `detection/convert-pretrain-to-detectron2.py`).
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
+import torch
 from huggingface_hub import create_repo, upload_folder
 from timm.models import save_for_hf
 
@@ -56,3 +60,59 @@ def export_encoder(model: MocoModel, save_directory: str | Path, repo_id: str | 
         )
         upload_folder(repo_id=repo_id, folder_path=save_directory, **upload_kwargs)
     return save_directory
+
+
+# timm's ResNets that are torchvision's architectures, with torchvision's state-dict keys (`conv1`, `layer1.0.bn1`...).
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                       "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")  # fmt: skip
+
+
+def torchvision_resnet_state_dict(model: MocoModel) -> dict[str, torch.Tensor]:
+    """The query backbone as the state dict of `torchvision.models.<arch>()` without its `fc` (strict load into a
+    model whose `fc` is `nn.Identity()`, or into `torchvision.models.detection`'s ResNet body)."""
+    config = model.config
+    arch = config.backbone.split(".")[0]  # timm's pretrained tag ("resnet50.a1_in1k") does not change the network
+    if arch not in TORCHVISION_RESNETS or config.backbone_kwargs:
+        raise ValueError(
+            f"only timm ResNets that torchvision also defines export to torchvision or detectron2 "
+            f"({', '.join(TORCHVISION_RESNETS)}, without backbone_kwargs); this model's backbone is "
+            f"{config.backbone!r}" + (f" with {config.backbone_kwargs}" if config.backbone_kwargs else "") + "."
+        )
+    if config.cifar_stem:
+        raise ValueError(
+            "this encoder has a CIFAR stem (3x3/1 conv1, no max-pool), which torchvision's and detectron2's "
+            "ResNets cannot express; share the full model (save_pretrained) or use MocoBackbone in transformers."
+        )
+    return {key: value.detach().clone() for key, value in model.encoder_q.backbone.state_dict().items()}
+
+
+def detectron2_name(key: str) -> str:
+    """A torchvision ResNet key in detectron2's naming, as the official converter renames it
+    (`layer1.0.bn1.weight` -> `res2.0.conv1.norm.weight`, `conv1.weight` -> `stem.conv1.weight`)."""
+    if "layer" not in key:
+        key = "stem." + key
+    for stage in (1, 2, 3, 4):
+        key = key.replace(f"layer{stage}", f"res{stage + 1}")
+    for index in (1, 2, 3):
+        key = key.replace(f"bn{index}", f"conv{index}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def export_torchvision(model: MocoModel, path: str | Path) -> Path:
+    """`torch.save` of `torchvision_resnet_state_dict` (tensors only: loads with `torch.load(weights_only=True)`)."""
+    path = Path(path)
+    torch.save(torchvision_resnet_state_dict(model), path)
+    return path
+
+
+def export_detectron2(model: MocoModel, path: str | Path) -> Path:
+    """A detectron2 weights file (`MODEL.WEIGHTS`): a pickle of `{"model": {name: numpy array}, "__author__",
+    "matching_heuristics": True}` with detectron2's ResNet names, BatchNorm counters left out. As with the official
+    converter, train with `MODEL.RESNETS.STRIDE_IN_1X1 False` (torchvision's stride in the 3x3) and
+    `MODEL.PIXEL_MEAN`/`PIXEL_STD` of the RGB mean/std the encoder was trained with (`INPUT.FORMAT "RGB"`)."""
+    path = Path(path)
+    weights = {detectron2_name(key): value.numpy() for key, value in torchvision_resnet_state_dict(model).items()
+               if not key.endswith("num_batches_tracked")}  # fmt: skip
+    with path.open("wb") as file:
+        pickle.dump({"model": weights, "__author__": "moco-hf", "matching_heuristics": True}, file)
+    return path

@@ -224,14 +224,20 @@ def use_cifar_stem(backbone: nn.Module, name: str) -> None:
     backbone.maxpool = nn.Identity()
 
 
+def build_backbone(config: MocoConfig) -> nn.Module:
+    """The config's timm backbone, created with `num_classes=0` (it returns pooled features), CIFAR stem if asked."""
+    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    if config.cifar_stem:
+        use_cifar_stem(backbone, config.backbone)
+    return backbone
+
+
 class MocoEncoder(nn.Module):
     """A timm backbone (created with `num_classes=0`, so it returns pooled features) and a projection head."""
 
     def __init__(self, config: MocoConfig) -> None:
         super().__init__()
-        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
-        if config.cifar_stem:
-            use_cifar_stem(self.backbone, config.backbone)
+        self.backbone = build_backbone(config)
         self.head = build_projection_head(self.backbone.num_features, config)
         if config.freeze_patch_embed:  # v3: a random, fixed patch projection keeps ViT training stable
             patch_embed = getattr(self.backbone, "patch_embed", None)

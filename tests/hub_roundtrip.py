@@ -2,7 +2,8 @@
 huggingface_hub is imported). Modes:
 
     push WORKDIR     push a MocoModel and its exported encoder; write reference features
-    load WORKDIR     load them back with AutoModel (moco_hf installed), timm, TimmWrapper and the pipeline
+    load WORKDIR     load them back with AutoModel (moco_hf installed), timm, TimmWrapper and the pipeline, and the
+                     full model's feature maps with AutoBackbone
     remote WORKDIR   load the full model with trust_remote_code in a process where moco_hf cannot be imported
 """
 
@@ -46,7 +47,7 @@ def push(workdir: Path) -> None:
 
 def load(workdir: Path) -> None:
     import timm
-    from transformers import AutoModel, pipeline
+    from transformers import AutoBackbone, AutoModel, pipeline
 
     import moco_hf
 
@@ -66,6 +67,14 @@ def load(workdir: Path) -> None:
     for name, features in results.items():
         torch.testing.assert_close(features, reference["features"], atol=1e-4, rtol=0, msg=name)
         print(f"{name}: same features as MocoModel.get_image_features")
+    backbone = AutoBackbone.from_pretrained(FULL, out_indices=[1, 2, 3, 4]).eval()
+    assert isinstance(backbone, moco_hf.MocoBackbone), type(backbone)
+    with torch.no_grad():
+        maps = backbone(pixels).feature_maps
+        expected = full.encoder_q.backbone.forward_intermediates(pixels, indices=[1, 2, 3, 4], intermediates_only=True)
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    print("AutoBackbone: same feature maps as the query backbone's forward_intermediates")
 
 
 def remote(workdir: Path) -> None:

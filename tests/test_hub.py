@@ -55,6 +55,7 @@ def test_push_then_load_with_auto_model_timm_pipeline_and_remote_code(hub, cifar
     assert json.loads(encoder["config.json"])["architecture"] == "resnet18"
     for path in ("AutoModel (moco_hf)", "timm hf-hub", "AutoModel (TimmWrapper)", "pipeline", "trust_remote_code"):
         assert f"{path}: same features" in printed
+    assert "AutoBackbone: same feature maps" in printed
 
 
 FAST = [*FAST_TRAINING, "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]
