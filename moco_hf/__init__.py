@@ -1,11 +1,11 @@
 """moco-hf: MoCo (Momentum Contrast) pretraining of timm vision encoders, native to Hugging Face.
 
-The model (`MocoConfig`, `MocoModel`, and `MocoBackbone` for detectors and segmenters) and the training run (`train`, `MocoTrainingArguments`, from
-`moco_hf.pretraining`, imported on first use) are importable from here; the pieces live in submodules:
-`moco_hf.data` (datasets streams of two-crop batches), `moco_hf.augmentation`, `moco_hf.knn`,
-`moco_hf.checkpointing`, `moco_hf.schedules`, `moco_hf.optimization`, `moco_hf.model_card`, `moco_hf.export`,
-`moco_hf.evaluation`, `moco_hf.linear_probe` and `moco_hf.trainer_callbacks`. The repository's `training/` scripts
-and the `moco-hf` command are thin layers over them.
+The model (`MocoConfig`, `MocoModel`, and `MocoBackbone` for detectors and segmenters) and the training run
+(`train`, `MocoTrainingArguments`, from `moco_hf.pretraining`, imported on first use) are importable from here; the
+pieces live in submodules: `moco_hf.data` (datasets streams of two-crop batches), `moco_hf.augmentation`,
+`moco_hf.knn`, `moco_hf.checkpointing`, `moco_hf.schedules`, `moco_hf.optimization`, `moco_hf.model_card`,
+`moco_hf.export`, `moco_hf.evaluation`, `moco_hf.linear_probe` and `moco_hf.trainer_callbacks`. The repository's
+`training/` scripts and the `moco-hf` command are thin layers over them.
 """
 
 from typing import Any

@@ -39,7 +39,7 @@ class MocoBackbone(BackboneMixin, MocoPreTrainedModel):
         MocoPreTrainedModel.__init__(self, config)  # BackboneMixin's own __init__ expects a backbone config class
         self.backbone = build_backbone(config)
         if not hasattr(self.backbone, "forward_intermediates"):
-            raise ValueError(f"{config.backbone!r} has no forward_intermediates in timm: it cannot serve as a backbone.")
+            raise ValueError(f"{config.backbone!r} has no forward_intermediates in timm: it cannot be a backbone.")
         self.stage_names = [stage["module"] for stage in self.backbone.feature_info]
         self.num_features = [stage["num_chs"] for stage in self.backbone.feature_info]
         self._out_indices = self._chosen_stages(config)
@@ -105,4 +105,3 @@ class MocoBackbone(BackboneMixin, MocoPreTrainedModel):
         if not return_dict:
             return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states, attentions=None)
-

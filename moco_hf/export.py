@@ -1,6 +1,6 @@
 """Export a MocoModel's query backbone for use without `moco_hf`: timm's Hub format, a torchvision ResNet state
-dict, or detectron2's ResNet weights (the layout of facebookresearch/moco's `detection/convert-pretrain-to-detectron2.py`).
-"""
+dict, or detectron2's ResNet weights (the layout facebookresearch/moco's `detection/convert-pretrain-to-detectron2.py`
+writes)."""
 
 from __future__ import annotations
 
