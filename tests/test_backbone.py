@@ -5,12 +5,13 @@ ResNet parameter names and shapes."""
 
 import json
 import pickle
+import re
 
 import pytest
 import timm
 import torch
 import torchvision
-from conftest import FAST_TRAINING, run_pretrain
+from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
 from huggingface_hub.errors import HFValidationError
 from safetensors.torch import load_file
 from torch import nn
@@ -270,3 +271,28 @@ def test_exports_refuse_what_the_target_cannot_express(fields, message, export_f
     (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert message in error and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+README_BACKBONE = re.compile(r"<!-- backbone-example -->\s*```python\n(.*?)```", re.DOTALL)
+
+
+def test_the_readme_example_builds_upernet_and_detr_on_a_trained_model(trainer_folder):
+    (code,) = README_BACKBONE.findall((REPO_ROOT / "README.md").read_text())
+    code = code.replace('"outputs/cifar10-resnet18/model"', f'"{trainer_folder}"')  # the main job's kind of folder
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # the example as a user would paste it
+    maps, backbone = namespace["maps"], namespace["backbone"]
+    assert [m.shape[1] for m in maps] == backbone.channels == [64, 128, 256, 512]
+    assert [m.shape[-1] for m in maps] == [32, 16, 8, 4]  # the CIFAR stem keeps full resolution through layer1
+    assert_holds_the_moco_weights(namespace["segmenter"].backbone.backbone, trainer_folder)
+    assert_holds_the_moco_weights(namespace["detector"].model.backbone.model.backbone, trainer_folder)
+
+
+def test_the_model_card_of_a_trained_model_says_how_and_its_code_runs(trainer_folder):
+    card = (trainer_folder / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", card, re.DOTALL) if "MocoBackbone" in block]
+    repo_id = re.search(r'MocoBackbone.from_pretrained\("([^"]+)"', code).group(1)
+    namespace: dict = {}
+    exec(compile(code.replace(f'"{repo_id}"', f'"{trainer_folder}"'), "README.md", "exec"), namespace)
+    assert namespace["backbone"].out_features == ["layer1", "layer2", "layer3", "layer4"]
+    assert_holds_the_moco_weights(namespace["model"].backbone.backbone, trainer_folder)
