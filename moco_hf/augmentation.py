@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .image_processing import evaluation_resize
 
@@ -82,12 +84,31 @@ def moco_view(recipe: ViewRecipe, size: int, mean: Sequence[float], std: Sequenc
     )
 
 
+# Evaluation resizes images up to this aspect ratio to `evaluation_resize` on the short side; longer ones have their
+# long side capped at this many times it (the centre crop is then padded), so that a very thin image (20,000,000 x 1
+# pixels is under PIL's limit) costs no more memory than a 4:1 panorama.
+MAX_EVALUATION_ASPECT = 4
+
+
+def resize_short_side(image: torch.Tensor, size: int, max_aspect: int) -> torch.Tensor:
+    """`image` `(C, H, W)` resized (antialiased) as `v2.Resize(size, max_size=max_aspect * size)` does, except that
+    the short side keeps at least one pixel (torchvision's would round a very thin image's to 0 and fail)."""
+    height, width = image.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    new_short, new_long = size, int(size * long / short)
+    if new_long > max_aspect * size:
+        new_short, new_long = max(1, int(max_aspect * size * new_short / new_long)), max_aspect * size
+    return TF.resize(image, [new_short, new_long] if height <= width else [new_long, new_short], antialias=True)
+
+
 def evaluation_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize the short side to `evaluation_resize(size)` and centre-crop `size`; then normalise."""
+    """Resize the short side to `evaluation_resize(size)` (the long side at most `MAX_EVALUATION_ASPECT` times it)
+    and centre-crop `size`; then normalise."""
+    resize = evaluation_resize(size)
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.Resize(evaluation_resize(size), antialias=True),
+            partial(resize_short_side, size=resize, max_aspect=MAX_EVALUATION_ASPECT),
             v2.CenterCrop(size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),

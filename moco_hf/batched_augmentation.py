@@ -245,8 +245,11 @@ class BatchedView:
 class BatchedTwoCrops:
     """A recipe's query and key views, parameters drawn per image in the loader and applied per batch on the device.
 
-    Images whose short side exceeds `max_short_side` (default: twice the crop) are first shrunk in the worker, so
-    that large photos travel as small tensors; crops are then drawn from the shrunk image.
+    Images whose short side exceeds `max_short_side` (default: twice the crop), or whose long side exceeds twice
+    that, are first shrunk in the worker (aspect ratio kept), so that large photos travel as small tensors; crops
+    are then drawn from the shrunk image. The long-side bound caps a batch, padded to its largest height and width,
+    at B x 3 x (2 * max_short_side)^2 pixels whatever the images' shapes: a very thin image (20,000,000 x 1 is under
+    PIL's pixel limit) would otherwise make every image of its batch that long.
     """
 
     def __init__(self, recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
@@ -259,7 +262,7 @@ class BatchedTwoCrops:
         self.max_short_side = max_short_side or 2 * size
 
     def shrink(self, image: PILImage.Image) -> PILImage.Image:
-        scale = self.max_short_side / min(image.size)
+        scale = min(self.max_short_side / min(image.size), 2 * self.max_short_side / max(image.size))
         if scale >= 1:
             return image
         new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -242,5 +242,51 @@ def test_images_of_different_sizes_share_a_batch(cifar_images):
     assert query.shape == key.shape == (2, 3, 32, 32) and torch.isfinite(query).all()
 
 
+@pytest.fixture(scope="module")
+def thin_images() -> list:
+    """Very thin PNGs, decoded as `datasets.Image` decodes them: 20,000,000 x 1 (58 KB as a file, under PIL's pixel
+    limit), 10000 x 4 and 4 x 10000."""
+    import io
+
+    from PIL import Image
+
+    decoded = []
+    for size in ((20_000_000, 1), (10_000, 4), (4, 10_000)):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 90)).save(buffer, format="PNG")
+        decoded.append(Image.open(io.BytesIO(buffer.getvalue())))
+    return decoded
+
+
+def test_very_thin_images_cost_a_bounded_batch(cifar_images, thin_images):
+    """Shrunk on the long side too: a batch padded to its largest height and width stays within (2 x 64)^2 pixels
+    per image at crop 32, where before the 20,000,000 x 1 image asked for 30 GB."""
+    two_crops = BatchedTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
+    items = [two_crops.loader_item(image, seed) for seed, image in enumerate([*thin_images, cifar_images[0][0]])]
+    assert [tuple(item["image"].shape[1:]) for item in items] == [(1, 128), (1, 128), (128, 1), (32, 32)]
+    batch = {name: stack_padded([item[name] for item in items]) for name in items[0]}
+    assert batch["image"].shape == (4, 3, 128, 128)
+    query, key = two_crops.on_device(batch, torch.device("cpu"))
+    assert query.shape == key.shape == (4, 3, 32, 32) and torch.isfinite(query).all() and torch.isfinite(key).all()
+    # The pixels survive the shrink (one colour, up to PIL's rounding): the image is resampled, not cut or padded.
+    for item in items[:3]:
+        colour = torch.tensor([200, 30, 90]).view(3, 1, 1)
+        assert (item["image"].int() - colour).abs().max() <= 1
+
+
+def test_very_thin_images_evaluate_in_bounded_memory(thin_images):
+    """Evaluation (kNN bank and queries, knn_eval, linear_eval) caps the long side at 4x the resize: the centre crop
+    of a thin image is padded, where before the 20,000,000 x 1 image was resized to 32 x 640,000,000."""
+    from moco_hf.augmentation import evaluation_transform, resize_short_side
+
+    transform = evaluation_transform(32, (0.5,) * 3, (0.25,) * 3)
+    for image in thin_images:
+        assert transform(image).shape == (3, 32, 32)
+    for height, width in [(480, 640), (640, 333), (37, 1000), (100, 100)]:  # elsewhere torchvision's own resize
+        pixels = torch.rand(3, height, width)
+        expected = v2.Resize(256, max_size=1024, antialias=True)(pixels)
+        assert torch.equal(resize_short_side(pixels, 256, max_aspect=4), expected)
+
+
 def test_blur_kernel_is_the_per_image_paths(cifar_images):
     assert BatchedView(RECIPES["v2"][0], 224, (0.5,) * 3, (0.25,) * 3).blur_kernel_size == blur_kernel_size(224) == 23
