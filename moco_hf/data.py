@@ -39,6 +39,7 @@ from datasets import (
 )
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 from .errors import DataError, first_line
 
@@ -128,17 +129,27 @@ def find_label_column(dataset: Dataset | IterableDataset, label_column: str | No
 
 
 def to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """RGB whatever the mode: palette/alpha over black, 16-bit scaled to 8 bits, CMYK and grey converted."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.uint32)
-        scale = 256 if array.max(initial=0) > 255 else 1
-        image = PILImage.fromarray((array // scale).clip(0, 255).astype(np.uint8), mode="L")
+    """RGB whatever the mode: palette/alpha over black, 16/32-bit integers and floats scaled to 8 bits
+    (`eight_bit_grey`), CMYK and grey converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = PILImage.fromarray(eight_bit_grey(np.asarray(image)), mode="L")
     elif image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         background = PILImage.new("RGBA", image.size, (0, 0, 0, 255))
         image = PILImage.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def eight_bit_grey(array: np.ndarray) -> np.ndarray:
+    """Single-channel pixels of any depth as uint8, from the range their values show: floats in [0, 1] (else taken
+    as [0, 255]); integers as 8-bit when they stay under 256, 16-bit under 65536, else the full int32 range."""
+    peak = float(array.max(initial=0))
+    if array.dtype.kind == "f":
+        top = 1.0 if peak <= 1.0 else 255.0
+    else:
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(np.iinfo(np.int32).max)
+    return (np.nan_to_num(array.astype(np.float64)) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
 
 
 def decode_image(value: Any) -> PILImage.Image | None:
@@ -162,7 +173,7 @@ def decode_image_or_reason(value: Any) -> tuple[PILImage.Image | None, str | Non
             image.load()
         if min(image.size) < 1:
             return None, f"an empty image of size {image.size}"
-        return to_rgb(image), None
+        return to_rgb(ImageOps.exif_transpose(image)), None  # upright, as datasets.Image decodes it
     except Exception as error:  # a corrupt file must never stop a run: it is counted by the caller
         return None, f"{type(error).__name__}: {first_line(error)}"
 

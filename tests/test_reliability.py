@@ -13,6 +13,7 @@ import time
 import zlib
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -153,7 +154,12 @@ def bad_files(cifar_images) -> dict[str, tuple[str, bytes]]:
     photo = cifar_images[0][3].resize((64, 64))
     palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     palette.info["transparency"] = palette.getpixel((0, 0))
-    sixteen_bit = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)  # mode I;16
+    grey = np.asarray(photo.convert("L"), dtype=np.float64)
+    sixteen_bit = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16
+    float_grey = Image.fromarray((grey / 255).astype(np.float32))  # mode F, values in [0, 1]
+    int32_grey = Image.fromarray((grey * (np.iinfo(np.int32).max / 255)).astype(np.int32))  # mode I, full range
+    rotated = photo.resize((64, 48)).getexif()
+    rotated[0x0112] = 6  # EXIF Orientation: the camera was turned, show the pixels rotated 90 degrees clockwise
     jpeg = encoded(photo, "JPEG", quality=95)
     return {
         "truncated_jpeg": (".jpg", jpeg[: len(jpeg) // 2]),
@@ -161,6 +167,9 @@ def bad_files(cifar_images) -> dict[str, tuple[str, bytes]]:
         "text_named_png": (".png", b"this is a text file, not a PNG\n"),
         "cmyk_jpeg": (".jpg", encoded(photo.convert("CMYK"), "JPEG", quality=95)),
         "png_16bit": (".png", encoded(sixteen_bit, "PNG")),
+        "float_tiff": (".tiff", encoded(float_grey, "TIFF")),
+        "int32_tiff": (".tiff", encoded(int32_grey, "TIFF")),
+        "exif_rotated_jpeg": (".jpg", encoded(photo.resize((64, 48)), "JPEG", quality=95, exif=rotated)),
         "palette_with_transparency": (".png", encoded(palette, "PNG")),
         "one_pixel": (".png", encoded(photo.resize((1, 1)), "PNG")),
         "much_larger_than_crop": (".jpg", encoded(photo.resize((2400, 1800)), "JPEG")),
@@ -184,9 +193,15 @@ def test_each_bad_image_is_converted_or_skipped(bad_files, cifar_images):
         pixels = np.asarray(image, dtype=np.float32)
         if name == "cmyk_jpeg":
             assert np.abs(pixels - photo).mean() < 12  # the same photo, through CMYK and JPEG
+        grey = np.asarray(cifar_images[0][3].resize((64, 64)).convert("L"), dtype=np.float32)
         if name == "png_16bit":  # 16-bit grey scaled back to 8 bits, in all three channels
-            grey = np.asarray(cifar_images[0][3].resize((64, 64)).convert("L"), dtype=np.float32)
             assert np.array_equal(pixels[..., 0], grey) and np.array_equal(pixels[..., 2], grey)
+        if name in ("float_tiff", "int32_tiff"):  # [0, 1] floats and full-range int32 scaled to the same grey
+            assert np.abs(pixels[..., 1] - grey).max() <= 1, name
+        if name == "exif_rotated_jpeg":  # upright, as datasets.Image decodes it
+            reference = datasets.Image().decode_example({"bytes": data, "path": None}).convert("RGB")
+            assert image.size == reference.size == (48, 64) and np.array_equal(pixels, np.asarray(reference))
+            continue
         if name == "palette_with_transparency":  # transparent pixels composited over black
             assert pixels[0, 0].tolist() == [0, 0, 0]
         expected_size = {"one_pixel": (1, 1), "much_larger_than_crop": (2400, 1800)}.get(name, (64, 64))
@@ -238,7 +253,7 @@ def test_training_on_a_folder_of_bad_images_skips_and_reports_them(bad_files, ci
     for name, (suffix, data) in bad_files.items():
         (root / "train" / f"class{labels[0]}" / f"{name}{suffix}").write_bytes(data)
     out = tmp_path / "run"
-    # 48 + 5 decodable training images and 4 undecodable; 8 steps of 16 = 128 images: three epochs of 3 steps.
+    # 48 + 8 decodable training images and 4 undecodable; 8 steps of 16 = 128 images: three epochs of 3 steps.
     result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(root), "--max_train_steps", "8",
                           "--output_dir", str(out), "--dataloader_num_workers", "1", timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
