@@ -9,6 +9,7 @@ here, after the rename.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -67,9 +68,11 @@ def non_finite_tensors(model: torch.nn.Module) -> list[str]:
 def save_checkpoint(
     accelerator: Accelerator, model: torch.nn.Module, output_dir: Path, state: TrainerState, limit: int | None
 ) -> Path:
-    """Save `checkpoints/step_<completed_steps>` (staged, then renamed) and keep the newest `limit` checkpoints.
+    """Save `checkpoints/step_<completed_steps>` (staged, synced to disk, then renamed) and keep the newest `limit`.
 
-    Refuses to save non-finite weights: the last good checkpoint stays the newest one.
+    Refuses to save non-finite weights: the last good checkpoint stays the newest one. With a `limit`, the
+    checkpoints beyond the newest `max(limit - 1, 1)` go before the new one is written, so that the disk never holds
+    more than `max(limit, 2)` of them (the newest stays until its successor is complete).
     """
     final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.completed_steps}"
     staging = final.with_name(f".tmp-{final.name}")
@@ -77,11 +80,12 @@ def save_checkpoint(
     if bad:
         raise RunError(
             f"the weights became non-finite at step {state.completed_steps} ({bad[0]} and {len(bad) - 1} more); "
-            "nothing was saved over the last good checkpoint. Lower `learning_rate` or set `max_grad_norm` and "
-            "resume from it."
+            f"nothing was saved. {numerical_fault_advice(output_dir)}"
         )
     try:
         if accelerator.is_main_process:
+            for old in checkpoints_to_rotate(output_dir, limit):
+                shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
@@ -90,22 +94,57 @@ def save_checkpoint(
         if accelerator.is_main_process:
             (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             write_manifest(staging)
+            sync_to_disk(staging)  # a power loss after the rename finds the files complete
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+            sync_to_disk(final.parent)
             if limit is not None:
                 for old in checkpoint_dirs(output_dir)[:-limit]:
                     shutil.rmtree(old, ignore_errors=True)
-    except Exception as error:  # disk full, quota, permissions (OSError, SafetensorError...): earlier ones intact
+    except Exception as error:  # disk full, quota, permissions (OSError, SafetensorError...), a peer that died
         shutil.rmtree(staging, ignore_errors=True)
         reason = first_line(error) or type(error).__name__
+        advice = "free some space (or lower `checkpoints_total_limit`) and resume" if is_disk_full(error) else \
+            "resume"  # fmt: skip
         raise RunError(
-            f"could not write checkpoint {final.name} in {final.parent}: {reason}. Earlier "
-            "checkpoints are intact; free some space (or lower `checkpoints_total_limit`) and resume with "
-            "`resume_from_checkpoint` latest."
+            f"could not write checkpoint {final.name} in {final.parent}: {reason}. Earlier checkpoints are intact; "
+            f"{advice} with `resume_from_checkpoint` latest."
         ) from error
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoints_to_rotate(output_dir: Path, limit: int | None) -> list[Path]:
+    """The checkpoints the next save deletes before writing (see `save_checkpoint`)."""
+    return [] if limit is None else checkpoint_dirs(output_dir)[: -max(limit - 1, 1)]
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write that failed for lack of space or quota (OSError's errno, or the text of a library's own error)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(words in str(error) for words in ("No space left", "Disk quota exceeded"))
+
+
+def sync_to_disk(folder: Path) -> None:
+    """fsync every file of `folder` and the folder itself (its entries), so that a rename after it is durable."""
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_file() or path.is_dir():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+
+
+def numerical_fault_advice(output_dir: Path) -> str:
+    """What to do after a non-finite loss or weights: resume from the last checkpoint, or start again."""
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return "No checkpoint was saved before it; lower `learning_rate` or set `max_grad_norm` and start again."
+    return (f"The last checkpoint, {found[-1].name}, is intact; lower `learning_rate` or set `max_grad_norm` and "
+            "resume from it.")  # fmt: skip
 
 
 def file_digest(path: Path) -> str:
@@ -241,8 +280,9 @@ def clear_or_refuse_previous_run(output_dir: Path, overwrite: bool) -> None:
                    output_dir)  # fmt: skip
 
 
-def check_output_dir(output_dir: Path, model: torch.nn.Module) -> None:
-    """Fail before training when the output folder cannot be written or cannot hold one checkpoint."""
+def check_output_dir(output_dir: Path, model: torch.nn.Module, limit: int | None) -> None:
+    """Fail before training when the output folder cannot be written or cannot hold one checkpoint (counting the
+    space of those that the next save rotates away first, with `limit`)."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
@@ -253,11 +293,13 @@ def check_output_dir(output_dir: Path, model: torch.nn.Module) -> None:
     # A checkpoint holds every tensor of the model, plus SGD's momentum for the query encoder's parameters.
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     needed = model_bytes + sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    free = shutil.disk_usage(output_dir).free
+    rotated = sum(path.stat().st_size for old in checkpoints_to_rotate(output_dir, limit) for path in old.rglob("*"))
+    free = shutil.disk_usage(output_dir).free + rotated
     if free < needed:
         raise UsageError(
             f"`output_dir` {str(output_dir)!r} has {free / 2**20:.0f} MiB free, but one checkpoint needs about "
-            f"{needed / 2**20:.0f} MiB; free some space or choose another folder."
+            f"{needed / 2**20:.0f} MiB; free some space, choose another folder or lower `checkpoints_total_limit` "
+            "(the checkpoints beyond it, but the newest, are deleted before the next one is written)."
         )
 
 

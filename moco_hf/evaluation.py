@@ -18,7 +18,6 @@ from typing import Any
 
 import timm
 import torch
-from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 
 from .augmentation import evaluation_transform
@@ -28,7 +27,7 @@ from .data import default_dataset_name, find_image_column, find_label_column, la
 from .errors import DataError, UsageError
 from .export import timm_reference
 from .knn import KNN_FEATURES, extract_feature_sets, moco_features
-from .loading_errors import check_is_moco_model
+from .model_sources import MOCO, TIMM_ENCODER, identify_model
 from .modeling_moco import MocoModel
 
 logger = logging.getLogger("moco_hf.evaluation")
@@ -72,18 +71,11 @@ class Encoder:
 
 def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) -> Encoder:
     """The frozen feature extractor stored at `name_or_path` and the preprocessing it expects."""
-    folder = Path(name_or_path)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        check_is_moco_model(folder)  # says what the folder is instead (a training checkpoint, ...)
-    try:
-        config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(name_or_path, "config.json"))
-    except (OSError, ValueError) as error:  # huggingface_hub's errors for a missing repo or no network
-        raise UsageError(f"`model_name_or_path` {name_or_path!r} is neither a local folder nor a Hub model that can "
-                         f"be downloaded ({type(error).__name__}).") from error  # fmt: skip
-    config = json.loads(config_file.read_text())
+    source = identify_model(name_or_path, accept=(MOCO, TIMM_ENCODER))
     torch.manual_seed(seed)
-    if config.get("model_type") == MocoConfig.model_type:
-        model = MocoModel(MocoConfig.from_dict(config)) if random_init else MocoModel.from_pretrained(name_or_path)
+    if source.kind == MOCO:
+        model = MocoModel(MocoConfig.from_dict(source.config)) if random_init else \
+            MocoModel.from_pretrained(name_or_path)  # fmt: skip
         model.eval()
         settings = model.config
         return Encoder(
@@ -91,15 +83,12 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
             settings.image_size, list(settings.image_mean), list(settings.image_std),
             f"{settings.backbone} ({'random init' if random_init else name_or_path})",
         )  # fmt: skip
-    if "architecture" in config:
-        model = timm.create_model(timm_reference(name_or_path), pretrained=not random_init, num_classes=0).eval()
-        data = timm.data.resolve_data_config({}, model=model)
-        return Encoder(
-            lambda images: {"backbone": model(images)}, data["input_size"][-1], list(data["mean"]), list(data["std"]),
-            f"{config['architecture']} ({'random init' if random_init else name_or_path})",
-        )  # fmt: skip
-    raise UsageError(f"{name_or_path} holds neither a MocoModel nor a timm encoder (config.json has neither "
-                    "model_type 'moco' nor 'architecture').")  # fmt: skip
+    model = timm.create_model(timm_reference(name_or_path), pretrained=not random_init, num_classes=0).eval()
+    data = timm.data.resolve_data_config({}, model=model)
+    return Encoder(
+        lambda images: {"backbone": model(images)}, data["input_size"][-1], list(data["mean"]), list(data["std"]),
+        f"{source.config['architecture']} ({'random init' if random_init else name_or_path})",
+    )  # fmt: skip
 
 
 def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
 from transformers.utils import cached_file
 
 from .configuration_moco import MocoConfig
-from .errors import UsageError
+from .model_sources import MOCO, identify_model
 
 
 def describe_shape_mismatch(name_or_path: str | Path, kwargs: dict) -> str:
@@ -35,17 +34,5 @@ def describe_shape_mismatch(name_or_path: str | Path, kwargs: dict) -> str:
 def check_is_moco_model(name_or_path: str | Path) -> None:
     """Raise `UsageError` when the local folder `name_or_path` is not a saved MocoModel (a training checkpoint, an
     exported timm encoder, another model); Hub ids are left to `from_pretrained`."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return
-    if not (folder / "config.json").is_file():
-        if (folder / "trainer_state.json").is_file():  # Accelerate state; a transformers Trainer checkpoint has both
-            raise UsageError(
-                f"{folder} is a training checkpoint (Accelerate state, no config.json): load the model folder its "
-                "run saved, or resume training from the checkpoint to save one."
-            )
-        raise UsageError(f"{folder} has no config.json: it is not a saved MocoModel (save_pretrained).")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type != MocoConfig.model_type:
-        what = "an exported timm encoder" if model_type is None else f"a {model_type!r} model"
-        raise UsageError(f"{folder} holds {what}, not a MocoModel (config.json model_type 'moco').")
+    if Path(name_or_path).is_dir():
+        identify_model(name_or_path, accept=(MOCO,))

@@ -43,7 +43,11 @@ class TrainingSummary:
     FILE = "training_summary.json"
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / self.FILE).write_text(json.dumps(asdict(self), indent=2, default=str))
+        """`training_summary.json`, which travels with the model (Hub uploads, exports): local dataset paths are
+        reduced to their folder names, as in the card, so no directory of this machine is published."""
+        shareable = replace(self, dataset=_dataset_label(self.dataset),
+                            results=[replace(r, dataset=_dataset_label(r.dataset)) for r in self.results])  # fmt: skip
+        (Path(folder) / self.FILE).write_text(json.dumps(asdict(shareable), indent=2, default=str))
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> TrainingSummary | None:

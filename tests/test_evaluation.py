@@ -126,6 +126,7 @@ def test_evaluation_commands_on_real_images(script, exported, random_moco, datas
         ("knn_eval", ["--output_dir", "{file}"], "--output_dir"),
         ("knn_eval", ["--model_name_or_path", "{checkpoint}"], "is a training checkpoint"),
         ("knn_eval", ["--model_name_or_path", "no-such/model-anywhere"], "is neither a local folder nor a Hub model"),
+        ("knn_eval", ["--model_name_or_path", "{bert}"], "holds a 'bert' model, not a MocoModel or an exported timm"),
         ("knn_eval", ["--model_name_or_path", "{moco}", "--feature", "head", "--exported"], "only ['backbone']"),
     ],
 )
@@ -135,11 +136,14 @@ def test_evaluation_commands_refuse_what_cannot_measure_anything_in_one_line(
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "trainer_state.json").write_text("{}")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     model = str(random_moco)
     if "--exported" in extra:
         extra = [word for word in extra if word != "--exported"]
         model = str(export_encoder(MocoModel.from_pretrained(random_moco), tmp_path / "encoder"))
-    places = {"{file}": str(tmp_path / "file"), "{checkpoint}": str(tmp_path / "checkpoint"), "{moco}": model}
+    places = {"{file}": str(tmp_path / "file"), "{checkpoint}": str(tmp_path / "checkpoint"), "{moco}": model,
+              "{bert}": str(tmp_path / "bert")}  # fmt: skip
     extra = [places.get(word, word) for word in extra]
     args = ["--model_name_or_path", model, "--dataset_name", str(small_dataset), "--output_dir", str(tmp_path / "o")]
     result = run_in_process(REPO_ROOT / "training" / f"{script}.py", *args, *extra)

@@ -183,6 +183,15 @@ def test_warm_start_from_a_moco_model_or_timm_weights(saved_moco, tmp_path):
     other = MocoModel(MocoConfig.from_preset("v2", backbone="resnet34", queue_size=64))
     with pytest.raises(UsageError, match="could not start from"):
         load_pretrained_weights(other, str(exported))
+    # What is neither: one line saying what it is (a KeyError traceback before).
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UsageError, match="holds a 'bert' model, not a MocoModel or an exported timm encoder"):
+        load_pretrained_weights(fresh, str(tmp_path / "bert"))
+    (tmp_path / "pickle-only").mkdir()
+    torch.save(source.state_dict(), tmp_path / "pickle-only" / "pytorch_model.bin")
+    with pytest.raises(UsageError, match=r"has no config.json, so it is not a MocoModel .* \['pytorch_model.bin'\]"):
+        load_pretrained_weights(fresh, str(tmp_path / "pickle-only"))
 
 
 README_TRAINER = re.compile(r"<!-- trainer-example -->\s*```python\n(.*?)```", re.DOTALL)

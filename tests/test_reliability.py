@@ -332,7 +332,7 @@ def test_numerical_fault_stops_the_run_and_keeps_the_last_good_checkpoint(small_
     plant_first_convolution_weights(out / "checkpoints" / "step_2", value)
     result = run_pretrain(*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert result.returncode == 1
-    assert message in one_line_error(result)
+    assert message in one_line_error(result) and "The last checkpoint, step_2, is intact" in one_line_error(result)
     assert [p.name for p in complete_checkpoints(out)] == ["step_1", "step_2"]
     for checkpoint in complete_checkpoints(out):
         assert_loadable(checkpoint)
@@ -347,10 +347,25 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
     with torch.no_grad():
         model.encoder_q.backbone.layer3[0].conv1.weight[0, 0, 0, 0] = float("nan")
     assert non_finite_tensors(model) == ["encoder_q.backbone.layer3.0.conv1.weight"]
-    with pytest.raises(RunError, match=r"non-finite at step 2 \(encoder_q\.backbone\.layer3\.0\.conv1\.weight"):
+    with pytest.raises(
+        RunError, match=r"non-finite at step 2 \(encoder_q\.backbone\.layer3\.0\.conv1\.weight"
+    ) as error:
         save_checkpoint(accelerator, model, tmp_path, TrainerState(completed_steps=2), limit=None)
+    assert "The last checkpoint, step_1, is intact" in str(error.value)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_1"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    with pytest.raises(RunError, match="No checkpoint was saved before it"):  # not "the last one is intact"
+        save_checkpoint(accelerator, model, tmp_path / "fresh", TrainerState(completed_steps=2), limit=None)
+
+
+def test_a_failed_save_advises_freeing_space_only_when_space_ran_out(tmp_path):
+    """Another failure (here a file where the checkpoints folder should be; in a real cluster, a peer process that
+    died during the save) is not reported as a full disk."""
+    model = Accelerator(cpu=True).prepare(MocoModel(MocoConfig(backbone="resnet18", queue_size=16, dim=8)))
+    (tmp_path / "checkpoints").write_text("not a folder")
+    with pytest.raises(RunError, match="could not write checkpoint step_1") as error:
+        save_checkpoint(Accelerator(cpu=True), model, tmp_path, TrainerState(completed_steps=1), limit=None)
+    assert "free some space" not in str(error.value) and "resume with" in str(error.value)
 
 
 # ---- 4. untrusted files -----------------------------------------------------------------------------------------
@@ -437,10 +452,21 @@ def test_a_damaged_checkpoint_is_never_trusted(run_with_two_checkpoints, damage)
 def test_rolling_back_keeps_the_abandoned_checkpoints_aside_and_latest_means_the_new_ones(run_with_two_checkpoints):
     out, args = run_with_two_checkpoints
     old_step_4 = (out / "checkpoints" / "step_4" / "model.safetensors").read_bytes()
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 5, "loss": 4.')  # a row torn by a kill in mid-write
     result = run_pretrain(*args, "--max_train_steps", "6", "--checkpoints_total_limit", "2",
                           "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Rolled back to step_2" in result.stderr
+    # metrics.jsonl: steps 3 and 4 of the abandoned branch and the torn row are dropped, each step logged once.
+    assert [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     assert [p.name for p in complete_checkpoints(out)] == ["step_4", "step_6"]  # the new run's, rotated by the limit
     (abandoned,) = (out / "checkpoints" / "abandoned").iterdir()
     assert abandoned.name.startswith("step_4-") and (abandoned / "model.safetensors").read_bytes() == old_step_4
@@ -587,9 +613,27 @@ def test_disk_full_mid_run_keeps_the_earlier_checkpoints(small_dataset, small_fi
     result = run_pretrain(*FAST_TRAINING, *args, "--dataset_name", str(small_dataset), "--output_dir", str(out))
     assert result.returncode == 1
     assert "could not write checkpoint step_2" in one_line_error(result) and "No space left on device" in result.stderr
+    assert "free some space" in one_line_error(result)
     assert [p.name for p in complete_checkpoints(out)] == ["step_1"]
     assert_loadable(complete_checkpoints(out)[0])
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_lower_checkpoint_limit_lets_a_full_disk_resume(small_dataset, small_filesystem):
+    # ~140 MiB a checkpoint, ~90 MiB the model: 400 MiB hold two checkpoints and the model, then ~30 MiB are free.
+    out = small_filesystem(400) / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--knn_at_start", "false",
+            "--checkpointing_steps", "1"]  # fmt: skip
+    assert run_pretrain(*args, "--max_train_steps", "2").returncode == 0
+    resume = [*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    refused = run_pretrain(*resume)
+    assert refused.returncode == 2 and "lower --checkpoints_total_limit" in one_line_error(refused)
+    # Limit 1: step_1 goes before step_3 is written (step_2, the newest, stays until then), which the check counts.
+    result = run_pretrain(*resume, "--checkpoints_total_limit", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(out)] == ["step_3"]
+    assert_loadable(complete_checkpoints(out)[0])
 
 
 def test_a_loaded_config_cannot_ask_for_a_huge_or_silently_random_queue(tmp_path, caplog):

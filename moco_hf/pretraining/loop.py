@@ -13,9 +13,7 @@ import torch
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
-from ..checkpointing import (
-    TrainerState,
-)
+from ..checkpointing import TrainerState, numerical_fault_advice
 from ..errors import RunError
 from ..schedules import momentum_at
 from .data_plan import next_batch
@@ -87,8 +85,8 @@ def training_step(run: Run, state: TrainerState, data: Iterator[dict[str, Any]],
         loss = output.loss.item()
         if not math.isfinite(loss):
             raise RunError(
-                f"the loss became {loss} at step {state.completed_steps + 1}; training stopped. The last "
-                "checkpoint is intact; lower `learning_rate` or set `max_grad_norm` and resume from it."
+                f"the loss became {loss} at step {state.completed_steps + 1}; training stopped. "
+                + numerical_fault_advice(run.output_dir)
             )
         top1 = (output.logits.argmax(dim=1) == output.labels).float().mean().item()
         window.add(loss, top1, query.shape[0] * accelerator.num_processes, lr)

@@ -132,8 +132,21 @@ def resume(args: MocoTrainingArguments, output_dir: Path, accelerator: Accelerat
     if accelerator.is_main_process and checkpoint.parent.resolve() == (output_dir / "checkpoints").resolve():
         for moved in set_aside_newer_checkpoints(checkpoint, output_dir):
             logger.warning("Rolled back to %s: the newer checkpoint is kept as %s.", checkpoint.name, moved)
+    if accelerator.is_main_process:
+        drop_metrics_after(output_dir / "metrics.jsonl", state.completed_steps)
     logger.info("Resumed from %s at step %d.", checkpoint, state.completed_steps)
     return state
+
+
+def drop_metrics_after(metrics_path: Path, step: int) -> None:
+    """Forget the `metrics.jsonl` rows of steps after `step` (the resumed run logs those steps again), and a last
+    row torn by a kill in mid-write."""
+    if not metrics_path.is_file():
+        return
+    rows = metrics_path.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if row.endswith("\n") and json.loads(row).get("step", 0) <= step]
+    if len(kept) < len(rows):
+        metrics_path.write_text("".join(kept))
 
 
 def run_settings(config: MocoConfig, plan: DataPlan, args: MocoTrainingArguments,
@@ -206,7 +219,7 @@ def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]
                                         warmup_steps(args, plan.total_steps), plan.steps_per_epoch)  # fmt: skip
     lock = None
     if accelerator.is_main_process:
-        check_output_dir(output_dir, model)
+        check_output_dir(output_dir, model, args.checkpoints_total_limit)
         lock = OutputDirLock(output_dir)  # released when `train` returns, or by the kernel when the process dies
     try:
         if lock is not None and not args.resume_from_checkpoint:  # under the lock: no live run is cleared
