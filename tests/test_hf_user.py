@@ -144,7 +144,10 @@ def test_base_model_is_the_backbone_whose_features_users_transfer(cifar_tensor):
 
 
 @pytest.mark.slow
-def test_export_carries_the_runs_card_and_refuses_what_is_not_a_moco_model(trained_run, tmp_path, capsys):
+def test_export_carries_the_runs_card_and_refuses_what_is_not_a_moco_model(trained_run, small_dataset, tmp_path,
+                                                                          capsys):  # fmt: skip
+    summary = (trained_run / "model" / "training_summary.json").read_text()  # uploaded with the model
+    assert str(small_dataset.parent) not in summary and json.loads(summary)["dataset"] == small_dataset.name
     encoder = tmp_path / "encoder"
     assert moco_hf_cli(["export", str(trained_run / "model"), str(encoder)]) == 0
     card = ModelCard.load(encoder / "README.md")
