@@ -16,6 +16,15 @@ from .errors import first_line
 
 logger = logging.getLogger(__name__)
 
+SNAPSHOT_PREFIX = ".hub-upload-"  # a copy of the model made for one upload, deleted when it is done
+
+
+def remove_snapshots(output_dir: Path) -> None:
+    """Snapshots left by a run that died while uploading them: never needed again."""
+    for snapshot in output_dir.glob(f"{SNAPSHOT_PREFIX}*"):
+        logger.warning("Removing %s, a model snapshot of an interrupted upload.", snapshot)
+        shutil.rmtree(snapshot, ignore_errors=True)
+
 
 @dataclass
 class Upload:
@@ -56,6 +65,11 @@ class HubPublisher:
         """Queue `folder` for upload (its files replace those of the repo); `remove_after` deletes it when done."""
         self.last_queued = Upload(folder, message, remove_after)
         self.jobs.put(self.last_queued)
+
+    @property
+    def busy(self) -> bool:
+        """An upload is queued or in progress."""
+        return self.jobs.unfinished_tasks > 0
 
     def finish(self, wait_seconds: float) -> bool:
         """Wait up to `wait_seconds` for the queued uploads; True when the last one (the final model) succeeded."""

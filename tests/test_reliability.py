@@ -454,11 +454,13 @@ def test_rolling_back_keeps_the_abandoned_checkpoints_aside_and_latest_means_the
     old_step_4 = (out / "checkpoints" / "step_4" / "model.safetensors").read_bytes()
     with (out / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 5, "loss": 4.')  # a row torn by a kill in mid-write
+    (out / ".hub-upload-step_4").mkdir()  # a model snapshot of an upload the kill interrupted
     result = run_pretrain(*args, "--max_train_steps", "6", "--checkpoints_total_limit", "2",
                           "--resume_from_checkpoint", str(out / "checkpoints" / "step_2"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Rolled back to step_2" in result.stderr
     # metrics.jsonl: steps 3 and 4 of the abandoned branch and the torn row are dropped, each step logged once.
+    assert not (out / ".hub-upload-step_4").exists()
     assert [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
         1,
         2,

@@ -16,6 +16,7 @@ from ..data import (
     HUB_CIFAR10,
 )
 from ..errors import RunError, first_line
+from ..hub_upload import SNAPSHOT_PREFIX
 from ..model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
 from ..plotting import plot_knn_curve, plot_training_curves
 from .run import Run
@@ -87,9 +88,13 @@ def checkpoint(run: Run, state: TrainerState) -> None:
     path = save_checkpoint(run.accelerator, run.moco, run.output_dir, state, run.args.checkpoints_total_limit)
     logger.info("Saved checkpoint %s", path)
     if run.publisher is not None and run.args.hub_strategy == "every_save":
-        snapshot = run.output_dir / f".hub-upload-{path.name}"  # uploads read it while training goes on
+        if run.publisher.busy:  # as transformers.Trainer does: one push at a time, so snapshots cannot pile up
+            logger.info("The previous upload to the Hub is not done: step %d is not pushed.", state.completed_steps)
+            return
+        snapshot = run.output_dir / f"{SNAPSHOT_PREFIX}{path.name}"  # uploads read it while training goes on
         save_model(run, state, snapshot)
         run.publisher.upload(snapshot, f"Training in progress, step {state.completed_steps}", remove_after=True)
+
 
 
 def write_results(run: Run, state: TrainerState, accuracy: float | None, pushed: bool | None) -> dict[str, Any]:

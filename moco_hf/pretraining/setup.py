@@ -28,7 +28,7 @@ from ..checkpointing import (
 )
 from ..configuration_moco import MocoConfig
 from ..errors import DataError, UsageError, first_line
-from ..hub_upload import HubPublisher
+from ..hub_upload import HubPublisher, remove_snapshots
 from ..knn import KnnMonitor, KnnSplits
 from ..modeling_moco import MocoModel
 from ..optimization import build_optimizer
@@ -239,6 +239,7 @@ def start_run(run: Run) -> tuple[Run, TrainerState]:
     args, accelerator = run.args, run.accelerator
     if accelerator.is_main_process:
         remove_incomplete_checkpoints(run.output_dir)
+        remove_snapshots(run.output_dir)
     settings = run_settings(run.config, run.plan, args, run.learning_rate, accelerator.num_processes)
     state = resume(args, run.output_dir, accelerator, settings)
     run.seconds_before = state.training_seconds
