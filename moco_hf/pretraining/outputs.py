@@ -96,7 +96,6 @@ def checkpoint(run: Run, state: TrainerState) -> None:
         run.publisher.upload(snapshot, f"Training in progress, step {state.completed_steps}", remove_after=True)
 
 
-
 def write_results(run: Run, state: TrainerState, accuracy: float | None, pushed: bool | None) -> dict[str, Any]:
     """`results.json`, the kNN curve (JSON and PNG, against epochs) and the training curves. `pushed`: whether the
     model reached the Hub (None without `push_to_hub`)."""
