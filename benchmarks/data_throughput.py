@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Two-crop augmentation throughput: our `datasets` stream (`TwoCropBatches`) against a plain torchvision
+"""Two-crop augmentation throughput: our `datasets` stream (`StreamBatches`) against a plain torchvision
 `ImageFolder` + `TwoCropsTransform`, the same MoCo v2 augmentation, the same real CIFAR-10 images.
 
     python benchmarks/data_throughput.py --num_images 10240 --workers 1 2
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results
 from moco_hf.augmentation import build_two_crops
-from moco_hf.data import TwoCropBatches, as_iterable, default_dataset_name, load_image_dataset
+from moco_hf.data import StreamBatches, as_iterable, default_dataset_name, load_image_dataset
 
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
 
@@ -54,7 +54,7 @@ def main() -> None:
         for workers in args.workers:
             stream = as_iterable(dataset, num_shards=max(1, workers))
             ours = torch.utils.data.DataLoader(
-                TwoCropBatches(stream, "image", two_crops, args.batch_size, seed=0), batch_size=None,
+                StreamBatches(stream, "image", two_crops, args.batch_size, seed=0), batch_size=None,
                 num_workers=workers,
             )  # fmt: skip
             image_folder = torchvision.datasets.ImageFolder(folder, transform=two_crops)
@@ -64,7 +64,7 @@ def main() -> None:
             ours_rate = images_per_second(ours, num_batches, args.batch_size)
             theirs_rate = images_per_second(theirs, num_batches, args.batch_size)
             for pipeline, rate in (
-                ("moco-hf TwoCropBatches (parquet stream)", ours_rate),
+                ("moco-hf StreamBatches (parquet stream)", ours_rate),
                 ("torchvision ImageFolder + TwoCropsTransform (PNG files)", theirs_rate),
             ):
                 rows.append({"workers": workers, "pipeline": pipeline, "images_per_s": rate,

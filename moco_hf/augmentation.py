@@ -128,7 +128,7 @@ class TwoCropsTransform:
         return self.transform(image), self.key_transform(image)
 
     def loader_item(self, image: object, seed: int) -> dict[str, torch.Tensor]:
-        """In a loader worker: both finished views, drawn from `seed` (the per-image path; `BatchedTwoCrops` is the
+        """In a loader worker: both finished views, drawn from `seed` (the per-image path; `OnDeviceTwoCrops` is the
         batched one)."""
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
             torch.manual_seed(seed)

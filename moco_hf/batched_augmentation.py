@@ -3,10 +3,10 @@
 Per-image augmentation in loader workers cannot feed a GPU (a few hundred images per second per core). Here the
 work is split where it is cheap to split:
 
-* in the loader workers, `BatchedTwoCrops.loader_item` turns each decoded image into uint8 pixels and draws both
+* in the loader workers, `OnDeviceTwoCrops.loader_item` turns each decoded image into uint8 pixels and draws both
   views' random parameters with the laws of torchvision's samplers, from the image's own seed (`moco_hf.data`):
   they stay a pure function of (seed, epoch, process, worker, position) and a resumed run sees the same data;
-* on the device, `BatchedTwoCrops.on_device` applies them with per-image values in a few batched kernels: crop and
+* on the device, `OnDeviceTwoCrops.on_device` applies them with per-image values in a few batched kernels: crop and
   resize (`roi_align`), colour jitter in each image's own random order, grayscale, Gaussian blur, solarize, flip,
   normalise. The arithmetic is torchvision's for float images; `tests/test_batched_augmentation.py` checks each op
   against `torchvision.transforms.v2.functional` image by image. One difference: the crop is resampled from the
@@ -242,7 +242,7 @@ class BatchedView:
         return (views - self.mean.to(views.device)) / self.std.to(views.device)
 
 
-class BatchedTwoCrops:
+class OnDeviceTwoCrops:
     """A recipe's query and key views, parameters drawn per image in the loader and applied per batch on the device.
 
     Images whose short side exceeds `max_short_side` (default: twice the crop), or whose long side exceeds twice

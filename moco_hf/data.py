@@ -4,9 +4,9 @@ Two ways to read them, both a pure function of the settings, so that a resumed r
 uninterrupted one would:
 
 * a dataset with random access (not `--streaming`) is read in one `GlobalOrder` (`MicroBatchKeys` +
-  `TwoCropRows`): every epoch a permutation of the rows, each image's augmentation seeded by (seed, epoch,
+  `MapStyleBatches`): every epoch a permutation of the rows, each image's augmentation seeded by (seed, epoch,
   position), whatever the number of processes and workers;
-* a stream (`TwoCropBatches`) is sharded per process with `split_dataset_by_node` and per DataLoader worker by
+* a stream (`StreamBatches`) is sharded per process with `split_dataset_by_node` and per DataLoader worker by
   `datasets` itself; each image's augmentation is seeded by (seed, epoch, rank, worker, position).
 
 Images are decoded here (not by `datasets`), so that one that fails to decode is skipped and counted rather than
@@ -218,10 +218,12 @@ class StreamPosition:
     skip_batches: int
 
 
-class TwoCropPipeline(Protocol):
-    """What `TwoCropBatches` needs of an augmentation: `loader_item` runs in the loader workers on each decoded image
-    (`TwoCropsTransform`: both finished views; `BatchedTwoCrops`: pixels and random parameters) and `on_device`
-    makes the query and key views of a collated batch on the training device."""
+class TwoViewAugmentation(Protocol):
+    """The two views of MoCo, made in two places: `loader_item` runs in the loader workers on each decoded image and
+    `on_device` makes the query and key views of a collated batch on the training device. `TwoCropsTransform` (the
+    official code's name) finishes both views in the workers; `OnDeviceTwoCrops` draws their random parameters
+    there and applies them to the whole batch on the device. `StreamBatches` (a `datasets` stream) and
+    `MapStyleBatches` (a map-style dataset in `GlobalOrder`) feed either."""
 
     def loader_item(self, image: PILImage.Image, seed: int) -> dict[str, torch.Tensor]: ...
 
@@ -248,9 +250,9 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: stack_padded([item[name] for item in items]) for name in items[0]}
 
 
-class TwoCropBatches(torch.utils.data.IterableDataset):
+class StreamBatches(torch.utils.data.IterableDataset):
     """An endless stream of full batches from a `datasets` stream: the collated `loader_item`s of the augmentation
-    (the finished views `"query", "key": (B, 3, H, W)`, or pixels and parameters for `BatchedTwoCrops`), and
+    (the finished views `"query", "key": (B, 3, H, W)`, or pixels and parameters for `OnDeviceTwoCrops`), and
     `"skipped"`.
 
     Epochs follow one another (with `set_epoch`, so shard order and shuffle buffer change); a batch may span two
@@ -262,7 +264,7 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
         self,
         dataset: IterableDataset,
         image_column: str,
-        two_crops: TwoCropPipeline,
+        two_crops: TwoViewAugmentation,
         batch_size: int,
         seed: int,
         rank: int = 0,
@@ -291,30 +293,38 @@ class TwoCropBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches, endlessly; a batch `{"error": message}` instead when the stream yields no usable image (the
-        consumer raises it: an exception raised in a DataLoader worker would reach the user as a traceback)."""
+        consumer raises it: an exception raised in a DataLoader worker would reach the user as a traceback).
+
+        Every row of the stream is one slot of a batch. An undecodable row's slot gets the next decodable image (with
+        the seed of its own slot), which is then seen twice: the `MapStyleBatches` rule, so batches stay full and a
+        resumed run skips a number of rows, whatever they held."""
         position = self._position()
-        to_skip = position.skip_batches * self.batch_size  # decodable images to pass over before augmenting
+        to_skip = position.skip_batches * self.batch_size  # rows consumed by the run this one resumes
         items, skipped, epoch, failures = [], 0, 0, UndecodableRun(self.image_column)
+        waiting: list[int] = []  # seeds of undecodable slots, filled by the next image that decodes
         while True:
             self.dataset.set_epoch(epoch)
             rows_seen = 0
             for index, row in enumerate(self.dataset):
                 rows_seen += 1
+                if to_skip:
+                    to_skip -= 1
+                    continue
                 image, reason = decode_image_or_reason(row[self.image_column])
                 if failures.add(reason):
                     yield {"error": failures.message()}
                     return
-                if to_skip:  # consumed (and its failures counted) by the run this one resumes
-                    to_skip -= image is not None
-                    continue
+                seed = sample_seed(self.seed, epoch, position.rank, position.worker, index)
                 if image is None:
                     skipped += 1
+                    waiting.append(seed)
                     continue
-                seed = sample_seed(self.seed, epoch, position.rank, position.worker, index)
-                items.append(self.two_crops.loader_item(image, seed))
-                if len(items) == self.batch_size:
-                    yield {**collate(items), "skipped": skipped}
-                    items, skipped = [], 0
+                for slot_seed in [*waiting, seed]:
+                    items.append(self.two_crops.loader_item(image, slot_seed))
+                    if len(items) == self.batch_size:
+                        yield {**collate(items), "skipped": skipped}
+                        items, skipped = [], 0
+                waiting = []
             if rows_seen == 0:
                 yield {
                     "error": f"worker {position.worker} of process {position.rank} received no rows: the dataset is "
@@ -370,16 +380,16 @@ class MicroBatchKeys(torch.utils.data.Sampler):
             step += 1
 
 
-class TwoCropRows(torch.utils.data.Dataset):
+class MapStyleBatches(torch.utils.data.Dataset):
     """Two-crop micro-batches of a map-style dataset, read in `GlobalOrder` (see `MicroBatchKeys`).
 
     The augmentation of the image at position p of epoch e is seeded by (seed, e, p): the data is the same whatever
-    the number of processes and workers. An image that cannot be decoded is replaced by the next decodable one in
-    the epoch's order (counted in `"skipped"`), so that every micro-batch stays full, as the batch shuffle and split
-    BatchNorm need; that image is then seen twice.
+    the number of processes and workers. An image that cannot be decoded is counted in `"skipped"` and its slot
+    gets the next decodable image in the epoch's order (seeded by the slot), so that every micro-batch stays full, as
+    the batch shuffle and split BatchNorm need; that image is then seen twice. `StreamBatches` follows the same rule.
     """
 
-    def __init__(self, dataset: Dataset, image_column: str, two_crops: TwoCropPipeline, order: GlobalOrder) -> None:
+    def __init__(self, dataset: Dataset, image_column: str, two_crops: TwoViewAugmentation, order: GlobalOrder) -> None:
         self.dataset = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
         self.image_column, self.two_crops, self.order = image_column, two_crops, order
         self.cached_epoch, self.cached_permutation = -1, torch.empty(0, dtype=torch.long)
@@ -400,9 +410,10 @@ class TwoCropRows(torch.utils.data.Dataset):
         items, skipped, failures = [], 0, UndecodableRun(self.image_column)
         for (_, position), value in zip(keys, values, strict=True):
             image, reason = decode_image_or_reason(value)
+            skipped += image is None
             attempt = 0
             while image is None:  # the next rows of the permutation, until one decodes
-                skipped, attempt = skipped + 1, attempt + 1
+                attempt += 1
                 if failures.add(reason):
                     return {"error": failures.message()}
                 value = self.dataset[int(rows[(position + attempt) % len(rows)])][self.image_column]
@@ -413,7 +424,7 @@ class TwoCropRows(torch.utils.data.Dataset):
 
 
 def keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """The DataLoader `collate_fn` for datasets that collate their own batches (`TwoCropRows.__getitems__`)."""
+    """The DataLoader `collate_fn` for datasets that collate their own batches (`MapStyleBatches.__getitems__`)."""
     return batch
 
 

@@ -116,7 +116,7 @@ FAST_TRAINING = ["--backbone", "resnet18", "--image_size", "32", "--per_device_t
 
 def expected_skips(dataset_name: str, global_batch: int, steps: int, seed: int = 0) -> int:
     """Undecodable images a run without --streaming meets: the positions its steps read in each epoch's
-    permutation, each undecodable one replaced by the next in that permutation (counting every failed try)."""
+    permutation that hold an undecodable image (each slot counted once; the next decodable image fills it)."""
     from datasets import Image
 
     from moco_hf.data import GlobalOrder, decode_image, find_image_column, load_image_dataset
@@ -129,9 +129,7 @@ def expected_skips(dataset_name: str, global_batch: int, steps: int, seed: int =
     for step in range(steps):
         epoch, positions = order.positions(step, 0, 0, global_batch, 1)
         rows = order.permutation(epoch).tolist()
-        for position in positions:
-            while rows[position % len(rows)] in broken:
-                skips, position = skips + 1, position + 1
+        skips += sum(rows[position % len(rows)] in broken for position in positions)
     return skips
 
 

@@ -15,8 +15,8 @@ from moco_hf.augmentation import RECIPES, blur_kernel_size, build_two_crops
 from moco_hf.batched_augmentation import (
     COLUMN,
     JITTER_OPS,
-    BatchedTwoCrops,
     BatchedView,
+    OnDeviceTwoCrops,
     ViewParameters,
     ViewSampler,
     gaussian_blur,
@@ -180,7 +180,7 @@ def torchvision_view(image: torch.Tensor, row: torch.Tensor, view: BatchedView, 
 
 @pytest.mark.parametrize("recipe,view_index", [("v1", 0), ("v2", 0), ("v3", 1), ("cifar10-demo", 0)])
 def test_a_whole_view_is_torchvisions_ops_in_the_recipes_order(cifar_images, recipe, view_index):
-    two_crops = BatchedTwoCrops(recipe, 32, (0.5, 0.45, 0.4), (0.25, 0.24, 0.26))
+    two_crops = OnDeviceTwoCrops(recipe, 32, (0.5, 0.45, 0.4), (0.25, 0.24, 0.26))
     items = [two_crops.loader_item(image, seed) for seed, image in enumerate(cifar_images[0][:48])]
     batch = {name: stack_padded([item[name] for item in items]) for name in items[0]}
     rows = batch[("query_params", "key_params")[view_index]]
@@ -193,7 +193,7 @@ def test_a_whole_view_is_torchvisions_ops_in_the_recipes_order(cifar_images, rec
 
 
 def test_parameters_are_a_function_of_the_seed_alone(cifar_images):
-    two_crops = BatchedTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
+    two_crops = OnDeviceTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
     image = cifar_images[0][0]
     first, again, other = (two_crops.loader_item(image, seed) for seed in (7, 7, 8))
     assert torch.equal(first["query_params"], again["query_params"])
@@ -208,7 +208,7 @@ def test_batched_and_per_image_views_have_the_same_pixel_statistics(cifar_images
     images = cifar_images[0][:1000]
     mean, std = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
     per_image = build_two_crops("v2", 32, mean, std)
-    batched = BatchedTwoCrops("v2", 32, mean, std)
+    batched = OnDeviceTwoCrops("v2", 32, mean, std)
     theirs = torch.stack([per_image.loader_item(image, seed)["query"] for seed, image in enumerate(images)])
     items = [batched.loader_item(image, seed) for seed, image in enumerate(images)]
     ours, _ = batched.on_device({name: stack_padded([item[name] for item in items]) for name in items[0]},
@@ -225,7 +225,7 @@ def test_batched_and_per_image_views_have_the_same_pixel_statistics(cifar_images
 
 def test_images_of_different_sizes_share_a_batch(cifar_images):
     """Large photos are shrunk in the worker; smaller images are edge-padded, and their crops stay inside them."""
-    two_crops = BatchedTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
+    two_crops = OnDeviceTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
     big = cifar_images[0][0].resize((300, 200))
     small = cifar_images[0][1].resize((40, 33))
     items = [two_crops.loader_item(image, seed) for seed, image in enumerate([big, small])]
@@ -261,7 +261,7 @@ def thin_images() -> list:
 def test_very_thin_images_cost_a_bounded_batch(cifar_images, thin_images):
     """Shrunk on the long side too: a batch padded to its largest height and width stays within (2 x 64)^2 pixels
     per image at crop 32, where before the 20,000,000 x 1 image asked for 30 GB."""
-    two_crops = BatchedTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
+    two_crops = OnDeviceTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
     items = [two_crops.loader_item(image, seed) for seed, image in enumerate([*thin_images, cifar_images[0][0]])]
     assert [tuple(item["image"].shape[1:]) for item in items] == [(1, 128), (1, 128), (128, 1), (32, 32)]
     batch = {name: stack_padded([item[name] for item in items]) for name in items[0]}

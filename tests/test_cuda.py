@@ -69,10 +69,10 @@ def test_v3_in_batch_negatives_on_gpu_bf16():
 
 @pytest.mark.parametrize("recipe", ["v2", "v3"])
 def test_batched_augmentation_on_the_gpu_matches_the_cpu(cifar_images, recipe):
-    from moco_hf.batched_augmentation import BatchedTwoCrops
+    from moco_hf.batched_augmentation import OnDeviceTwoCrops
     from moco_hf.data import collate
 
-    two_crops = BatchedTwoCrops(recipe, 32, (0.5, 0.45, 0.4), (0.25, 0.24, 0.26))
+    two_crops = OnDeviceTwoCrops(recipe, 32, (0.5, 0.45, 0.4), (0.25, 0.24, 0.26))
     batch = collate([two_crops.loader_item(image, seed) for seed, image in enumerate(cifar_images[0][:256])])
     on_cpu = two_crops.on_device(batch, torch.device("cpu"))
     on_gpu = two_crops.on_device(batch, torch.device("cuda"))

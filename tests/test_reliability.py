@@ -208,6 +208,43 @@ def test_each_bad_image_is_converted_or_skipped(bad_files, cifar_images):
         assert image.size == expected_size, name
 
 
+class ImageAndSeed:
+    """A `TwoViewAugmentation` that keeps what the loader hands it: each slot's decoded image and seed."""
+
+    def loader_item(self, image: Image.Image, seed: int) -> dict[str, torch.Tensor]:
+        return {"red": torch.tensor(image.getpixel((0, 0))[0]), "seed": torch.tensor(seed)}
+
+
+def test_an_undecodable_image_gets_the_same_treatment_on_both_data_paths():
+    """One rule, read from the slots themselves: an undecodable image's slot gets the next decodable image (seeded
+    by its own slot) and is counted; that image is seen twice; every batch stays full. Rows 3 and 4 of 12 are
+    broken; row r is an image whose red value is 10 r."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from moco_hf.data import GlobalOrder, MapStyleBatches, StreamBatches, as_iterable
+
+    values = [{"bytes": b"" if row in (3, 4) else encoded(Image.new("RGB", (4, 4), (10 * row, 0, 0)), "PNG"),
+               "path": None} for row in range(12)]  # fmt: skip
+    dataset = Dataset.from_dict({"image": values}, features=Features({"image": ImageFeature(decode=False)}))
+    expected_red = [0, 10, 20, 50, 50, 50, 60, 70, 80, 90, 100, 110]  # in data order: the slots of 3 and 4 get 5
+    stream = next(iter(StreamBatches(as_iterable(dataset, 1), "image", ImageAndSeed(), batch_size=12, seed=0)))
+    assert stream["red"].tolist() == expected_red and stream["skipped"] == 2
+    assert len(set(stream["seed"].tolist())) == 12  # the repeated image is augmented with each slot's own seed
+    # A slot per row, so a resumed stream (one batch of 4 done) goes on exactly: the slot of row 4 gets row 5 again.
+    batches = iter(StreamBatches(as_iterable(dataset, 1), "image", ImageAndSeed(), batch_size=4, seed=0))
+    uninterrupted = [next(batches) for _ in range(3)]
+    resumed = StreamBatches(as_iterable(dataset, 1), "image", ImageAndSeed(), batch_size=4, seed=0, skip_batches=1)
+    for expected, batch in zip(uninterrupted[1:], iter(resumed), strict=False):
+        assert batch["red"].tolist() == expected["red"].tolist() and torch.equal(batch["seed"], expected["seed"])
+    order = GlobalOrder(12, 12, seed=0)
+    rows = order.permutation(0).tolist()
+    batch = MapStyleBatches(dataset, "image", ImageAndSeed(), order).__getitems__([(0, p) for p in range(12)])
+    next_decodable = [next(rows[q % 12] for q in range(p, p + 12) if rows[q % 12] not in (3, 4)) for p in range(12)]
+    assert batch["red"].tolist() == [10 * row for row in next_decodable] and batch["skipped"] == 2
+    assert len(set(batch["seed"].tolist())) == 12
+
+
 @pytest.fixture(scope="module")
 def undecodable_dataset(tmp_path_factory) -> Path:
     """Train and test splits whose image column holds no image: empty values and paths to missing files."""
@@ -268,7 +305,7 @@ def test_training_on_a_folder_of_bad_images_skips_and_reports_them(bad_files, ci
 
 LOADER_WORKER_FAILS = """
 import sys, torch
-from moco_hf.data import TwoCropBatches, as_iterable, close_loader, init_loader_worker, load_image_dataset
+from moco_hf.data import StreamBatches, as_iterable, close_loader, init_loader_worker, load_image_dataset
 
 class FailsAfterTwenty:  # an augmentation that breaks mid-stream, inside a loader worker
     calls = 0
@@ -279,7 +316,7 @@ class FailsAfterTwenty:  # an augmentation that breaks mid-stream, inside a load
         return {"query": torch.zeros(3)}
 
 stream = as_iterable(load_image_dataset(sys.argv[1], "train", False), 4)
-loader = torch.utils.data.DataLoader(TwoCropBatches(stream, "image", FailsAfterTwenty(), 8, seed=0), batch_size=None,
+loader = torch.utils.data.DataLoader(StreamBatches(stream, "image", FailsAfterTwenty(), 8, seed=0), batch_size=None,
                                      num_workers=2, worker_init_fn=init_loader_worker)
 batches = iter(loader)
 try:

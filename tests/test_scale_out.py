@@ -12,11 +12,11 @@ import torch
 from conftest import PRETRAIN, REPO_ROOT, command_and_env, run_pretrain
 from safetensors.torch import load_file
 
-from moco_hf.batched_augmentation import BatchedTwoCrops
+from moco_hf.batched_augmentation import OnDeviceTwoCrops
 from moco_hf.data import (
     GlobalOrder,
+    MapStyleBatches,
     MicroBatchKeys,
-    TwoCropRows,
     as_iterable,
     init_loader_worker,
     keep_batch,
@@ -136,7 +136,7 @@ def test_the_images_of_a_step_do_not_depend_on_the_process_layout(num_rows, glob
 
 def micro_batches(dataset, two_crops, order, micro_batch, rank, world, workers, start_step, count):
     keys = MicroBatchKeys(order, micro_batch, rank, world, accumulation=1, start_step=start_step)
-    loader = torch.utils.data.DataLoader(TwoCropRows(dataset, "image", two_crops, order), batch_sampler=keys,
+    loader = torch.utils.data.DataLoader(MapStyleBatches(dataset, "image", two_crops, order), batch_sampler=keys,
                                          collate_fn=keep_batch, num_workers=workers,
                                          worker_init_fn=init_loader_worker)  # fmt: skip
     batches = iter(loader)
@@ -148,7 +148,7 @@ def test_one_and_two_processes_read_the_same_images_with_the_same_augmentation(s
     the two processes' micro-batches, put together, are the one process's batch, pixels and parameters, from the
     start and from a resumed position."""
     dataset = load_image_dataset(str(small_dataset), "train", streaming=False)
-    two_crops = BatchedTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
+    two_crops = OnDeviceTwoCrops("v2", 32, (0.5,) * 3, (0.25,) * 3)
     order = GlobalOrder(len(dataset), 16, seed=0)
     for start_step in (0, 5):
         alone = micro_batches(dataset, two_crops, order, 16, 0, 1, 0, start_step, count=13)

@@ -11,14 +11,14 @@ from accelerate import Accelerator
 from datasets import Dataset
 
 from ..augmentation import build_two_crops
-from ..batched_augmentation import BatchedTwoCrops
+from ..batched_augmentation import OnDeviceTwoCrops
 from ..configuration_moco import MocoConfig
 from ..data import (
     GlobalOrder,
+    MapStyleBatches,
     MicroBatchKeys,
-    TwoCropBatches,
-    TwoCropPipeline,
-    TwoCropRows,
+    StreamBatches,
+    TwoViewAugmentation,
     as_iterable,
     dataset_rows,
     default_dataset_name,
@@ -88,13 +88,13 @@ def plan_data(args: MocoTrainingArguments, accelerator: Accelerator) -> DataPlan
                     usable_workers(stream, args.dataloader_num_workers))  # fmt: skip
 
 
-def build_augmentation(config: MocoConfig, args: MocoTrainingArguments) -> TwoCropPipeline:
+def build_augmentation(config: MocoConfig, args: MocoTrainingArguments) -> TwoViewAugmentation:
     """The recipe's two crops: batched on the training device, or per image in the loader workers."""
-    build = BatchedTwoCrops if args.augment_on_device else build_two_crops
+    build = OnDeviceTwoCrops if args.augment_on_device else build_two_crops
     return build(config.augmentation, config.image_size, config.image_mean, config.image_std)
 
 
-def build_loader(plan: DataPlan, two_crops: TwoCropPipeline, args: MocoTrainingArguments, accelerator: Accelerator,
+def build_loader(plan: DataPlan, two_crops: TwoViewAugmentation, args: MocoTrainingArguments, accelerator: Accelerator,
                  start_step: int) -> Iterator[dict[str, Any]]:  # fmt: skip
     """The endless iterator of this process's two-crop micro-batches, from training step `start_step` on."""
     options = {"num_workers": plan.num_workers, "worker_init_fn": init_loader_worker,
@@ -105,10 +105,10 @@ def build_loader(plan: DataPlan, two_crops: TwoCropPipeline, args: MocoTrainingA
     if plan.order is not None:
         keys = MicroBatchKeys(plan.order, plan.micro_batch, accelerator.process_index, accelerator.num_processes,
                               args.gradient_accumulation_steps, start_step)  # fmt: skip
-        dataset = TwoCropRows(plan.source, plan.image_column, two_crops, plan.order)
+        dataset = MapStyleBatches(plan.source, plan.image_column, two_crops, plan.order)
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=keys, collate_fn=keep_batch, **options))
     skip_batches = start_step * args.gradient_accumulation_steps
-    batches = TwoCropBatches(plan.source, plan.image_column, two_crops, plan.micro_batch, args.seed,
+    batches = StreamBatches(plan.source, plan.image_column, two_crops, plan.micro_batch, args.seed,
                              accelerator.process_index, skip_batches)  # fmt: skip
     data = iter(torch.utils.data.DataLoader(batches, batch_size=None, **options))
     for _ in range(batches.batches_to_drop(plan.num_workers)):

@@ -18,7 +18,7 @@ from ..checkpointing import (
 )
 from ..configuration_moco import MocoConfig
 from ..data import (
-    TwoCropPipeline,
+    TwoViewAugmentation,
 )
 from ..hub_upload import HubPublisher
 from ..knn import KnnMonitor
@@ -38,7 +38,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     plan: DataPlan
-    two_crops: TwoCropPipeline
+    two_crops: TwoViewAugmentation
     knn: KnnMonitor | None
     learning_rate: float
     output_dir: Path
