@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
+from argparse import ArgumentParser
 from collections.abc import Iterable
+from types import MappingProxyType
 from typing import NoReturn
 
 from transformers import HfArgumentParser
@@ -18,6 +22,9 @@ def as_flags(message: str, names: Iterable[str]) -> str:
     return re.sub(r"`(\w+)`", lambda match: f"--{match[1]}" if match[1] in flags else match[0], message)
 
 
+LIBRARY_METADATA = ("config_field",)  # dataclass field metadata read by the library, not argparse options
+
+
 class CommandLineParser(HfArgumentParser):
     """The commands' parser: no abbreviations (a typo must not pick another flag), and a bad value or an unknown
     flag is one line (`error: ...`, exit status 2) instead of the whole usage block."""
@@ -27,6 +34,15 @@ class CommandLineParser(HfArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see --help).\n")
+
+    @staticmethod
+    def _parse_dataclass_field(parser: ArgumentParser, field: dataclasses.Field) -> None:
+        """HfArgumentParser's, without the metadata the library keeps for itself (e.g. `config_field`), which
+        argparse would refuse."""
+        if any(key in field.metadata for key in LIBRARY_METADATA):
+            field = copy.copy(field)
+            field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in LIBRARY_METADATA})
+        HfArgumentParser._parse_dataclass_field(parser, field)
 
     def parse(self, argv: list[str]) -> tuple:
         """The dataclasses of `argv`, or of one YAML/JSON file given alone; an argument no dataclass takes is a

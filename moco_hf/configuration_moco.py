@@ -115,6 +115,15 @@ class MocoConfig(PretrainedConfig):
 
     Defaults follow MoCo v1 (He et al. 2019); `MocoConfig.from_preset("v2")` gives MoCo v2 (Chen et al. 2020).
 
+    The fields fall in three groups. To build a loaded model (the network and its buffers): `backbone`,
+    `backbone_kwargs`, `cifar_stem`, `dim`, `queue_size`, `mlp`, `mlp_hidden_dim`, `projector_layers`,
+    `head_batch_norm`, `predictor`, `predictor_hidden_dim`, `shuffle_bn` (SplitBatchNorm layers or not). To
+    preprocess its inputs (image processor, exports): `image_size`, `image_mean`, `image_std`. To continue
+    pretraining as it was trained, a record of the run's recipe that using the encoder does not need: `momentum`,
+    `momentum_schedule`, `softmax_temperature`, `symmetric_loss`, `num_splits`, `freeze_patch_embed`,
+    `augmentation`, `lr_schedule`, `optimizer`, `base_learning_rate`, `weight_decay`, `sgd_momentum`. Each is also
+    the trainer's argument of the same name (`MocoTrainingArguments`), which overrides the preset's value.
+
     Args:
         backbone (`str`, defaults to `"resnet50"`):
             Name of a timm model (`timm.list_models()`), created with `num_classes=0` so that it returns pooled
@@ -165,8 +174,8 @@ class MocoConfig(PretrainedConfig):
         image_size, image_mean, image_std (defaults 224 and ImageNet's statistics):
             The preprocessing the encoder was trained with; exported encoders carry it in timm's `pretrained_cfg`.
         augmentation, lr_schedule, optimizer, base_learning_rate, weight_decay, sgd_momentum:
-            The training recipe read by `training/pretrain.py` (`base_learning_rate` is per 256 images and scales
-            linearly with the global batch). Stored here so a checkpoint says how it was trained.
+            The training recipe read by the trainer (`base_learning_rate` is per 256 images and scales linearly with
+            the global batch). Stored here so a checkpoint says how it was trained.
     """
 
     model_type = "moco"

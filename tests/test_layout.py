@@ -96,3 +96,22 @@ def test_the_library_raises_errors_in_its_own_terms_and_the_commands_name_flags(
     assert not flagged, f"messages naming a --flag outside the command line: {flagged}"
     message = "pass `image_column` NAME; `queue` is not an argument"
     assert as_flags(message, {"image_column"}) == "pass --image_column NAME; `queue` is not an argument"
+
+
+def test_each_recipe_setting_has_one_home():
+    """The trainer's arguments named after `MocoConfig` fields are those fields (they override the preset's value),
+    with no rename table: every argument sharing a field's name is marked so, and every marked one is a field."""
+    from dataclasses import fields
+
+    from moco_hf import MocoConfig, MocoTrainingArguments
+    from moco_hf.pretraining.arguments import build_config
+
+    config_fields = set(MocoConfig().to_dict())
+    arguments = {argument.name: argument for argument in fields(MocoTrainingArguments)}
+    marked = {name for name, argument in arguments.items() if argument.metadata.get("config_field")}
+    assert marked <= config_fields
+    assert (set(arguments) & config_fields) - marked == {"backbone_kwargs"}  # JSON text on the command line
+    given = {"lr_schedule": "step", "weight_decay": 0.25, "optimizer": "lars", "image_size": 64, "queue_size": 96,
+             "softmax_temperature": 0.3, "cifar_stem": True, "num_splits": 4}  # fmt: skip
+    config = build_config(MocoTrainingArguments(**given))
+    assert {name: getattr(config, name) for name in given} == given

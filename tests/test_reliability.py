@@ -541,7 +541,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
         (["--momentum", "0.9"], "momentum is 0.9 but checkpoint step_4 was trained with 0.999"),
         (["--image_mean", "0.5", "0.5", "0.5"], "image_mean is [0.5, 0.5, 0.5] but checkpoint step_4 was trained"),
         (["--weight_decay", "0.01"], "weight_decay is 0.01 but checkpoint step_4 was trained with 0.0001"),
-        (["--lr_scheduler_type", "step"], "lr_schedule is 'step' but checkpoint step_4 was trained with 'cosine'"),
+        (["--lr_schedule", "step"], "lr_schedule is 'step' but checkpoint step_4 was trained with 'cosine'"),
         (["--max_train_samples", "100"], "max_train_samples is 100 but checkpoint step_4 was trained with None"),
         (["--dataset_name", "{other}"], "dataset is '{other}' but checkpoint step_4 was trained with '{dataset}'"),
     ],

@@ -15,6 +15,8 @@ from ..knn import KNN_FEATURES
 # A `bool | None` setting (None: the preset's) that `--name` alone turns on, as a plain bool flag does; `--name false`
 # turns it off. (HfArgumentParser makes that so for bools with a default, not for a default of None.)
 FLAG = {"nargs": "?", "const": True}
+# A `MocoConfig` field of the same name, its one home: given, it overrides the preset's value (`build_config`).
+CONFIG = {"config_field": True}
 
 
 @dataclass
@@ -22,20 +24,32 @@ class ModelArguments:
     """The network and the MoCo algorithm (`MocoConfig` fields; None: the preset's)."""
 
     preset: Literal[PRESET_NAMES] = field(default="v2", metadata={"help": "Paper recipe (v3-vit: v3 for ViTs)."})
-    backbone: str | None = field(default=None, metadata={"help": "timm model name (preset's, else resnet18)."})
-    backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
-    dim: int | None = field(default=None, metadata={"help": "Embedding dimension (preset: 128)."})
-    queue_size: int | None = field(default=None, metadata={"help": "K, negatives in the queue (preset: 65536)."})
-    momentum: float | None = field(default=None, metadata={"help": "Key encoder momentum m (preset: 0.999)."})
-    softmax_temperature: float | None = field(default=None, metadata={"help": "T (preset: v1 0.07, v2 0.2)."})
-    mlp: bool | None = field(default=None, metadata={"help": "MLP projection head (preset: v1 no, v2 yes).", **FLAG})
-    shuffle_bn: Literal[SHUFFLE_BN_MODES] | None = field(default=None, metadata={"help": "Preset: auto."})
-    projector_layers: int | None = field(default=None, metadata={"help": "Layers of the MLP head (v3 ViT: 3)."})
-    symmetric_loss: bool | None = field(default=None, metadata={"help": "Both views as queries (preset: v3).", **FLAG})
-    freeze_patch_embed: bool | None = field(
-        default=None, metadata={"help": "v3 ViT trick: frozen patch embed.", **FLAG}
+    backbone: str | None = field(
+        default=None, metadata={**CONFIG, "help": "timm model name (preset's, else resnet18)."}
     )
-    num_splits: int | None = field(default=None, metadata={"help": "BatchNorm groups of 'split' (preset: 8)."})
+    backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
+    dim: int | None = field(default=None, metadata={**CONFIG, "help": "Embedding dimension (preset: 128)."})
+    queue_size: int | None = field(
+        default=None, metadata={**CONFIG, "help": "K, negatives in the queue (preset: 65536)."}
+    )
+    momentum: float | None = field(default=None, metadata={**CONFIG, "help": "Key encoder momentum m (preset: 0.999)."})
+    softmax_temperature: float | None = field(default=None, metadata={**CONFIG, "help": "T (preset: v1 0.07, v2 0.2)."})
+    mlp: bool | None = field(
+        default=None, metadata={**CONFIG, "help": "MLP projection head (preset: v1 no, v2 yes).", **FLAG}
+    )
+    shuffle_bn: Literal[SHUFFLE_BN_MODES] | None = field(default=None, metadata={**CONFIG, "help": "Preset: auto."})
+    projector_layers: int | None = field(
+        default=None, metadata={**CONFIG, "help": "Layers of the MLP head (v3 ViT: 3)."}
+    )
+    symmetric_loss: bool | None = field(
+        default=None, metadata={**CONFIG, "help": "Both views as queries (preset: v3).", **FLAG}
+    )
+    freeze_patch_embed: bool | None = field(
+        default=None, metadata={**CONFIG, "help": "v3 ViT trick: frozen patch embed.", **FLAG}
+    )
+    num_splits: int | None = field(
+        default=None, metadata={**CONFIG, "help": "BatchNorm groups of 'split' (preset: 8)."}
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Start from these weights: a saved MocoModel (folder or Hub id), or a timm model with "
@@ -44,7 +58,8 @@ class ModelArguments:
     )  # fmt: skip
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the Hub model's own code to load."})
     cifar_stem: bool | None = field(
-        default=None, metadata={"help": "ResNets on 32 px: 3x3/1 first conv, no max-pool (preset: off).", **FLAG}
+        default=None,
+        metadata={**CONFIG, "help": "ResNets on 32 px: 3x3/1 first conv, no max-pool (preset: off).", **FLAG},
     )
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
 
@@ -64,11 +79,12 @@ class DataArguments:
         default=10_000, metadata={"help": "Shuffle buffer of --streaming (otherwise every epoch is fully shuffled)."}
     )
     image_size: int | None = field(
-        default=None, metadata={"help": "Crop size: 32 for CIFAR-size images (preset's, else 224 for ImageNet)."}
+        default=None,
+        metadata={**CONFIG, "help": "Crop size: 32 for CIFAR-size images (preset's, else 224 for ImageNet)."},
     )
-    image_mean: list[float] | None = field(default=None, metadata={"help": "Per-channel mean (preset's, else "
+    image_mean: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel mean (preset's, else "
                                                                     "ImageNet's)."})  # fmt: skip
-    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std (preset's, else "
+    image_std: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel std (preset's, else "
                                                                   "ImageNet's)."})  # fmt: skip
     dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     augment_on_device: bool = field(
@@ -105,9 +121,11 @@ class TrainArguments:
         },
     )
     learning_rate: float | None = field(default=None, metadata={"help": "Default: preset lr x global batch / 256."})
-    lr_scheduler_type: Literal[LR_SCHEDULES] | None = field(default=None, metadata={"help": "Preset: v1 step."})
-    optimizer: Literal[OPTIMIZERS] | None = field(default=None, metadata={"help": "Preset: v1/v2 sgd, v3 lars."})
-    weight_decay: float | None = field(default=None, metadata={"help": "Preset: v1/v2 1e-4, v3 1e-6."})
+    lr_schedule: Literal[LR_SCHEDULES] | None = field(default=None, metadata={**CONFIG, "help": "Preset: v1 step."})
+    optimizer: Literal[OPTIMIZERS] | None = field(
+        default=None, metadata={**CONFIG, "help": "Preset: v1/v2 sgd, v3 lars."}
+    )
+    weight_decay: float | None = field(default=None, metadata={**CONFIG, "help": "Preset: v1/v2 1e-4, v3 1e-6."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
     num_warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warmup steps."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
@@ -216,18 +234,11 @@ def build_config(args: MocoTrainingArguments) -> MocoConfig:
         except json.JSONDecodeError as error:
             raise UsageError(f"`backbone_kwargs` is not valid JSON ({error.msg} at character {error.pos}): "
                              f"{args.backbone_kwargs!r}; e.g. '{{\"img_size\": 32}}'.") from error  # fmt: skip
-    for name in ("backbone", "cifar_stem", "num_splits", "dim", "queue_size", "momentum", "softmax_temperature",
-                 "mlp", "shuffle_bn", "projector_layers", "symmetric_loss", "freeze_patch_embed"):  # fmt: skip
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    # The preprocessing the encoder expects, recorded for exports and model cards.
-    for name in ("image_size", "image_mean", "image_std"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    for name, config_name in (("optimizer", "optimizer"), ("lr_scheduler_type", "lr_schedule"),
-                              ("weight_decay", "weight_decay")):  # fmt: skip
-        if getattr(args, name) is not None:
-            overrides[config_name] = getattr(args, name)
+    overrides |= {
+        argument.name: getattr(args, argument.name)
+        for argument in fields(args)
+        if argument.metadata.get("config_field") and getattr(args, argument.name) is not None
+    }
     try:
         return MocoConfig.from_preset(args.preset, **overrides)
     except ValueError as error:  # the config names the field and what it accepts
