@@ -1,7 +1,8 @@
 """Our run of the official CIFAR-10 demo's recipe beside the demo's own published log, epoch by epoch.
 
 Reads a run of `scripts/reproduce_cifar10.sh` (its knn_curve.json, metrics.jsonl and results.json) and the demo's log
-(`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output); writes
+(`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with `--control`
+the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`); writes
 `results/cifar10_demo_curve-<device>.json` and `.png` and prints the Markdown table of the README.
 
     bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 \
@@ -82,11 +83,16 @@ def epoch_rows(run: Path) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], reference: dict, output: Path, device: str) -> Path:
+def plot(rows: list[dict], reference: dict, control: list[dict], output: Path, device: str) -> Path:
     epochs = [row["epoch"] for row in rows]
     shown = range(1, max(epochs) + 1)
     fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     knn_ax.plot(shown, [reference[e]["knn_top1"] for e in shown], "s--", color="black", label="official demo (V100)")
+    if control:
+        knn_ax.plot([c["epoch"] for c in control], [c["knn_top1_head"] for c in control], "D-.", color="tab:red",
+                    label="the demo's own code here (head)")  # fmt: skip
+        loss_ax.plot([c["epoch"] for c in control], [c["loss"] for c in control], "D-.", color="tab:red",
+                     label="the demo's own code here")  # fmt: skip
     knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "o-", color="tab:green", label="moco-hf, head (128-d)")
     knn_ax.plot(epochs, [row["knn_top1_backbone"] for row in rows], "^:", color="tab:blue",
                 label="moco-hf, backbone (512-d)")  # fmt: skip
@@ -105,14 +111,16 @@ def plot(rows: list[dict], reference: dict, output: Path, device: str) -> Path:
     return save_figure(fig, output)
 
 
-def markdown_table(rows: list[dict], reference: dict) -> str:
-    lines = ["| epoch | demo kNN | ours kNN (head) | difference | ours kNN (backbone) | demo loss | ours loss |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+def markdown_table(rows: list[dict], reference: dict, control: list[dict]) -> str:
+    here = {c["epoch"]: c for c in control}
+    lines = ["| epoch | demo kNN | ours kNN (head) | difference | demo code here | ours kNN (backbone) | demo loss | "
+             "ours loss | demo code here |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
-        demo = reference[row["epoch"]]
+        demo, mine = reference[row["epoch"]], here.get(row["epoch"])
+        mine_knn, mine_loss = (f"{mine['knn_top1_head']:.2f}", f"{mine['loss']:.3f}") if mine else ("-", "-")
         lines.append(f"| {row['epoch']} | {demo['knn_top1']:.2f} | {row['knn_top1_head']:.2f} | "
-                     f"{row['knn_top1_head'] - demo['knn_top1']:+.2f} | {row['knn_top1_backbone']:.2f} | "
-                     f"{demo['loss']:.3f} | {row['loss']:.3f} |")  # fmt: skip
+                     f"{row['knn_top1_head'] - demo['knn_top1']:+.2f} | {mine_knn} | {row['knn_top1_backbone']:.2f} | "
+                     f"{demo['loss']:.3f} | {row['loss']:.3f} | {mine_loss} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -122,8 +130,12 @@ def main() -> None:
     parser.add_argument("--device_name", default="cpu", help="Suffix of the result files (cpu, gpu).")
     parser.add_argument("--device", default=None, help="The machine that trained the run (default: this CPU).")
     parser.add_argument("--command", required=True, help="The command(s) that trained the run, as typed.")
+    parser.add_argument("--control", type=Path, default=None,
+                        help="cifar10_demo_notebook.py results: the demo code on this machine and data.")  # fmt: skip
     args = parser.parse_args()
     log = demo_log()
+    control_run = json.loads(args.control.read_text()) if args.control else None
+    control = [{k: round(v, 4) for k, v in row.items()} for row in control_run["epochs"]] if control_run else []
     rows = epoch_rows(args.run)
     run_config = json.loads((args.run / "run_config.json").read_text())
     device = args.device or f"{cpu_model()} ({os.cpu_count()} cores), {run_config['num_processes']} process"
@@ -144,12 +156,17 @@ def main() -> None:
         "command": args.command,
         "device": device,
         "mixed_precision": run_config["mixed_precision"],
+        "demo_code_on_this_machine": {
+            "what": "the notebook's own code (benchmarks/cifar10_demo_notebook.py): same data, machine and precision",
+            "settings": control_run["settings"],
+            "epochs": control,
+        } if control_run else None,
     }
     output = RESULTS / f"cifar10_demo_curve-{args.device_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=1))
-    plot(rows, log["by_epoch"], output.with_suffix(".png"), device)
-    print(markdown_table(rows, log["by_epoch"]))
+    plot(rows, log["by_epoch"], control, output.with_suffix(".png"), device)
+    print(markdown_table(rows, log["by_epoch"], control))
     print(f"Wrote {output} and {output.with_suffix('.png')}")
 
 

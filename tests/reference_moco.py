@@ -83,34 +83,3 @@ class ReferenceMoCoV3(nn.Module):
                 param_k.data = param_k.data * m + param_q.data * (1.0 - m)
             k1, k2 = self.f_k(x1), self.f_k(x2)
         return self.ctr(q1, k2) + self.ctr(q2, k1)
-
-
-class ReferenceSplitBatchNorm(nn.BatchNorm2d):
-    """The official MoCo CIFAR-10 demo's SplitBatchNorm, transcribed: every training step repeats the running
-    statistics, weight and bias `num_splits` times, normalises (N/S, S*C, H, W), and averages the statistics back."""
-
-    def __init__(self, num_features: int, num_splits: int, **kw) -> None:
-        super().__init__(num_features, **kw)
-        self.num_splits = num_splits
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        N, C, H, W = input.shape
-        if self.training or not self.track_running_stats:
-            running_mean_split = self.running_mean.repeat(self.num_splits)
-            running_var_split = self.running_var.repeat(self.num_splits)
-            outcome = nn.functional.batch_norm(
-                input.view(-1, C * self.num_splits, H, W),
-                running_mean_split,
-                running_var_split,
-                self.weight.repeat(self.num_splits),
-                self.bias.repeat(self.num_splits),
-                True,
-                self.momentum,
-                self.eps,
-            ).view(N, C, H, W)
-            self.running_mean.data.copy_(running_mean_split.view(self.num_splits, C).mean(dim=0))
-            self.running_var.data.copy_(running_var_split.view(self.num_splits, C).mean(dim=0))
-            return outcome
-        return nn.functional.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, self.momentum, self.eps
-        )

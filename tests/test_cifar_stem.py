@@ -12,8 +12,10 @@ from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
 from torch import nn
 from transformers import AutoModel
 
+from benchmarks.cifar10_demo_notebook import ModelMoCo
 from moco_hf import MocoConfig, MocoModel, export_encoder
 from moco_hf.cli import main as moco_hf_cli
+from moco_hf.optimization import build_optimizer
 
 
 def cifar_model(**overrides) -> MocoModel:
@@ -46,6 +48,50 @@ def test_the_backbone_is_the_official_demo_network(cifar_tensor):
     plain = MocoModel(MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64))
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert model.state_dict()["encoder_q.backbone.conv1.weight"].shape == (64, 3, 3, 3)
+
+
+# The demo's ModelBase is an nn.Sequential: its indices, in moco-hf's names.
+DEMO_LAYERS = {"0": "backbone.conv1", "1": "backbone.bn1", "3": "backbone.layer1", "4": "backbone.layer2",
+               "5": "backbone.layer3", "6": "backbone.layer4", "9": "head"}  # fmt: skip
+
+
+def demo_state_in_our_names(state: dict) -> dict:
+    ours = {"queue": state["queue"].T.contiguous(), "queue_ptr": state["queue_ptr"]}  # the demo's queue is dim x K
+    for key, value in state.items():
+        if key.startswith("encoder_"):
+            encoder, _, index, *rest = key.split(".")
+            ours[".".join([encoder, DEMO_LAYERS[index], *rest])] = value
+    return ours
+
+
+def test_training_steps_are_the_demos_own_step_by_step(cifar_tensor):
+    """The cifar10-demo preset and its optimizer against the notebook's ModelMoCo and SGD (its own code, transcribed
+    in benchmarks/cifar10_demo_notebook.py), from the same weights and queue, on the same real images and key
+    shuffles: SplitBatchNorm in 8 groups, the single-GPU batch shuffle, momentum update, queue and weight decay."""
+    torch.manual_seed(0)
+    demo = ModelMoCo(K=64).train()
+    ours = MocoModel(MocoConfig.from_preset("cifar10-demo", queue_size=64)).train()
+    ours.load_state_dict(demo_state_in_our_names(demo.state_dict()))
+    demo_optimizer = torch.optim.SGD(demo.parameters(), lr=0.06, weight_decay=5e-4, momentum=0.9)
+    our_optimizer = build_optimizer(ours, ours.config, 0.06)
+    for step in range(3):  # the queue (64 keys) fills in 2 steps of 32, then wraps
+        query, key = cifar_tensor[64 * step : 64 * step + 32], cifar_tensor[64 * step + 32 : 64 * step + 64]
+        torch.manual_seed(100 + step)  # the same key shuffle: each draws one randperm
+        demo_loss = train_step(demo_optimizer, demo(query, key))
+        torch.manual_seed(100 + step)
+        our_loss = train_step(our_optimizer, ours(pixel_values=query, key_pixel_values=key).loss)
+        assert our_loss == pytest.approx(demo_loss, abs=1e-4), step
+        if step == 1:  # float32 rounding grows tenfold a step as SGD feeds it back: tensors compared after 2 steps
+            for name, tensor in demo_state_in_our_names(demo.state_dict()).items():
+                if not name.endswith("num_batches_tracked"):  # the demo's layer does not count
+                    torch.testing.assert_close(ours.state_dict()[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def train_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def official_demo_model_base(feature_dim: int = 128) -> nn.Module:

@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_moco import ReferenceMoCo, ReferenceSplitBatchNorm
+from reference_moco import ReferenceMoCo
 from transformers import AutoConfig, AutoModel
 
 import moco_hf
+from benchmarks.cifar10_demo_notebook import SplitBatchNorm as OfficialSplitBatchNorm
 from moco_hf import MocoConfig, MocoModel, SplitBatchNorm2d
 from moco_hf.modeling_moco import build_projection_head
 
@@ -131,7 +132,7 @@ def test_split_batch_norm_matches_the_official_one_through_a_run():
     """Outputs, gradients and running statistics equal the official demo's SplitBatchNorm (repeat and average every
     step) along a run that changes the group count, trains plain, evaluates, loads a state and changes dtype."""
     torch.manual_seed(0)
-    ours, official = SplitBatchNorm2d(6, momentum=0.3), ReferenceSplitBatchNorm(6, num_splits=1, momentum=0.3)
+    ours, official = SplitBatchNorm2d(6, momentum=0.3), OfficialSplitBatchNorm(6, num_splits=1, momentum=0.3)
     for layer in (ours, official):
         torch.nn.init.uniform_(layer.weight, 0.5, 1.5)
         torch.nn.init.uniform_(layer.bias, -0.5, 0.5)
