@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 import torch
 import torch.nn.functional as F
-from torchvision import transforms
 
+from benchmarks.cifar10_demo_notebook import demo_train_transform
 from benchmarks.common import RESULTS
 from moco_hf import MocoModel
 from moco_hf.augmentation import build_two_crops
@@ -28,13 +28,7 @@ from moco_hf.data import collate, load_image_dataset
 
 def demo_v1_views(images: list, mean: list[float], std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """The notebook's `train_transform`, applied twice to each PIL image (its CIFAR10Pair)."""
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(32),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std)])  # fmt: skip
+    transform = demo_train_transform(mean, std)
     return torch.stack([transform(im) for im in images]), torch.stack([transform(im) for im in images])
 
 

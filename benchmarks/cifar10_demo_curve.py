@@ -160,7 +160,9 @@ def main() -> None:
             "what": "the notebook's own code (benchmarks/cifar10_demo_notebook.py): same data, machine and precision",
             "settings": control_run["settings"],
             "epochs": control,
-        } if control_run else None,
+        }
+        if control_run
+        else None,
     }
     output = RESULTS / f"cifar10_demo_curve-{args.device_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,17 @@ from torchvision.models import resnet
 DEMO_MEAN, DEMO_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 
 
+def demo_train_transform(mean: list[float] = DEMO_MEAN, std: list[float] = DEMO_STD) -> transforms.Compose:
+    """The notebook's `train_transform`: torchvision v1 ops on PIL images."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(32),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std)])  # fmt: skip
+
+
 class CifarArrays(Dataset):
     """The notebook's CIFAR10 / CIFAR10Pair over uint8 arrays: two views when `pair`, else (image, label)."""
 
@@ -209,13 +220,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    train_transform = transforms.Compose([
-        transforms.RandomResizedCrop(32),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(DEMO_MEAN, DEMO_STD)])  # fmt: skip
+    train_transform = demo_train_transform()
     test_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(DEMO_MEAN, DEMO_STD)])
     train_images, train_labels = cifar_arrays(args.data_dir, "train", args.limit)
     test_images, test_labels = cifar_arrays(args.data_dir, "test", args.limit and args.limit // 5)
