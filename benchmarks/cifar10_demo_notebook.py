@@ -33,19 +33,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.models import resnet
+from torchvision.transforms import v2
 
 DEMO_MEAN, DEMO_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 
 
-def demo_train_transform(mean: list[float] = DEMO_MEAN, std: list[float] = DEMO_STD) -> transforms.Compose:
-    """The notebook's `train_transform`: torchvision v1 ops on PIL images."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(32),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std)])  # fmt: skip
+def demo_train_transform(mean: list[float] = DEMO_MEAN, std: list[float] = DEMO_STD,
+                         ops: str = "v1") -> transforms.Compose:  # fmt: skip
+    """The notebook's `train_transform`: torchvision v1 ops on PIL images, or (`ops="v2"`) the same ops from
+    `torchvision.transforms.v2` on uint8 tensors, as moco-hf's per-image path applies them."""
+    library = transforms if ops == "v1" else v2
+    to_tensor = [transforms.ToTensor()] if ops == "v1" else [v2.ToDtype(torch.float32, scale=True)]
+    return library.Compose([
+        *([] if ops == "v1" else [v2.ToImage()]),
+        library.RandomResizedCrop(32),
+        library.RandomHorizontalFlip(p=0.5),
+        library.RandomApply([library.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        library.RandomGrayscale(p=0.2),
+        *to_tensor,
+        library.Normalize(mean, std)])  # fmt: skip
 
 
 class CifarArrays(Dataset):
@@ -216,11 +222,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images of each split (a quick trial)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--transforms",
+        choices=["v1", "v2"],
+        default="v1",
+        help="v1: the notebook's PIL ops; v2: torchvision.transforms.v2 on tensors (moco-hf's ops)",
+    )
+    parser.add_argument("--knn", default=True, action=argparse.BooleanOptionalAction, help="kNN after each epoch")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    train_transform = demo_train_transform()
+    train_transform = demo_train_transform(ops=args.transforms)
     test_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(DEMO_MEAN, DEMO_STD)])
     train_images, train_labels = cifar_arrays(args.data_dir, "train", args.limit)
     test_images, test_labels = cifar_arrays(args.data_dir, "test", args.limit and args.limit // 5)
@@ -237,7 +250,7 @@ def main() -> None:
         start = time.perf_counter()
         loss = train_epoch(model, train_loader, optimizer, epoch, 200, 0.06, args.precision)
         train_seconds += time.perf_counter() - start
-        knn = knn_test(model.encoder_q, memory_loader, test_loader, args.precision)
+        knn = knn_test(model.encoder_q, memory_loader, test_loader, args.precision) if args.knn else None
         epochs.append({"epoch": epoch, "knn_top1_head": knn, "loss": loss, "train_seconds": train_seconds,
                        "lr": optimizer.param_groups[0]["lr"]})  # fmt: skip
         print(json.dumps(epochs[-1]), flush=True)
