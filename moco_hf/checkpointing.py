@@ -98,7 +98,7 @@ def save_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
-            sync_to_disk(final.parent)
+            fsync_path(final.parent)  # the rename itself (not the other checkpoints' files again)
             if limit is not None:
                 for old in checkpoint_dirs(output_dir)[:-limit]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -131,11 +131,15 @@ def sync_to_disk(folder: Path) -> None:
     """fsync every file of `folder` and the folder itself (its entries), so that a rename after it is durable."""
     for path in [*folder.rglob("*"), folder]:
         if path.is_file() or path.is_dir():
-            descriptor = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def numerical_fault_advice(output_dir: Path) -> str:
