@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModel
 
 from benchmarks.cifar10_demo_notebook import ModelMoCo
+from benchmarks.demo_init_as_moco_model import demo_as_moco_model, demo_state_in_our_names
 from moco_hf import MocoConfig, MocoModel, export_encoder
 from moco_hf.cli import main as moco_hf_cli
 from moco_hf.optimization import build_optimizer
@@ -50,28 +51,13 @@ def test_the_backbone_is_the_official_demo_network(cifar_tensor):
     assert model.state_dict()["encoder_q.backbone.conv1.weight"].shape == (64, 3, 3, 3)
 
 
-# The demo's ModelBase is an nn.Sequential: its indices, in moco-hf's names.
-DEMO_LAYERS = {"0": "backbone.conv1", "1": "backbone.bn1", "3": "backbone.layer1", "4": "backbone.layer2",
-               "5": "backbone.layer3", "6": "backbone.layer4", "9": "head"}  # fmt: skip
-
-
-def demo_state_in_our_names(state: dict) -> dict:
-    ours = {"queue": state["queue"].T.contiguous(), "queue_ptr": state["queue_ptr"]}  # the demo's queue is dim x K
-    for key, value in state.items():
-        if key.startswith("encoder_"):
-            encoder, _, index, *rest = key.split(".")
-            ours[".".join([encoder, DEMO_LAYERS[index], *rest])] = value
-    return ours
-
-
 def test_training_steps_are_the_demos_own_step_by_step(cifar_tensor):
     """The cifar10-demo preset and its optimizer against the notebook's ModelMoCo and SGD (its own code, transcribed
     in benchmarks/cifar10_demo_notebook.py), from the same weights and queue, on the same real images and key
     shuffles: SplitBatchNorm in 8 groups, the single-GPU batch shuffle, momentum update, queue and weight decay."""
     torch.manual_seed(0)
     demo = ModelMoCo(K=64).train()
-    ours = MocoModel(MocoConfig.from_preset("cifar10-demo", queue_size=64)).train()
-    ours.load_state_dict(demo_state_in_our_names(demo.state_dict()))
+    ours = demo_as_moco_model(demo).train()
     demo_optimizer = torch.optim.SGD(demo.parameters(), lr=0.06, weight_decay=5e-4, momentum=0.9)
     our_optimizer = build_optimizer(ours, ours.config, 0.06)
     for step in range(3):  # the queue (64 keys) fills in 2 steps of 32, then wraps
