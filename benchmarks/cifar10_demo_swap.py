@@ -83,7 +83,8 @@ def demo_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], float]:
 
 def moco_hf_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """The trainer's step (`moco_hf.pretraining.loop.training_step` without Accelerate) on `demo`'s weights."""
-    model = demo_as_moco_model(demo).train()
+    with torch.random.fork_rng():  # building a MocoModel draws weights: leave the global RNG where the demo's is
+        model = demo_as_moco_model(demo).train()
     optimizer = build_optimizer(model, model.config, LR)
     scheduler = learning_rate_scheduler(optimizer, model.config.lr_schedule, EPOCHS * 97, 0, 97)
 
@@ -151,10 +152,12 @@ def trainer_leg(metrics_path: Path) -> Path:
 def plot_legs(output: Path) -> Path:
     """Every leg's window means against the step, in one panel."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for path in sorted(RESULTS.glob("cifar10_demo_swap-*.json")):
+    styles = zip("os^Dv", ["-", "--", ":", "-.", (0, (1, 3))], strict=False)  # overlapping legs stay visible
+    for path, (marker, line) in zip(sorted(RESULTS.glob("cifar10_demo_swap-*.json")), styles, strict=False):
         leg = json.loads(path.read_text())
         ends = [window["last_step"] for window in leg["windows"]]
-        ax.plot(ends, [window["loss"] for window in leg["windows"]], "o-", label=leg["name"], alpha=0.8)
+        ax.plot(ends, [window["loss"] for window in leg["windows"]], marker=marker, linestyle=line, label=leg["name"],
+                alpha=0.8, markerfacecolor="none")  # fmt: skip
     ax.set(title="Same initial model (the control's seed 0): mean loss of each 10 steps", xlabel="step",
            ylabel="InfoNCE loss")  # fmt: skip
     ax.grid(alpha=0.3)
