@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
-from benchmarks.cifar10_demo_notebook import ModelMoCo
+from benchmarks.cifar10_demo_notebook import ModelMoCo, autocast
 from benchmarks.cifar10_demo_swap import moco_hf_batches
 from benchmarks.common import RESULTS
 from benchmarks.demo_init_as_moco_model import demo_as_moco_model
@@ -31,7 +31,7 @@ from moco_hf import MocoConfig, MocoModel
 
 @torch.no_grad()
 def first_forward(model: MocoModel, query: torch.Tensor, key: torch.Tensor) -> dict[str, float]:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast("bf16"):
         output = model.train()(pixel_values=query, key_pixel_values=key)
     queries = output.q.float()
     off_diagonal = (queries @ queries.T).fill_diagonal_(0).sum() / (len(queries) * (len(queries) - 1))

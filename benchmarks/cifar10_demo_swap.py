@@ -34,7 +34,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
-from benchmarks.cifar10_demo_notebook import CifarArrays, ModelMoCo, cifar_arrays, demo_train_transform
+from benchmarks.cifar10_demo_notebook import CifarArrays, ModelMoCo, autocast, cifar_arrays, demo_train_transform
 from benchmarks.common import RESULTS
 from benchmarks.demo_init_as_moco_model import demo_as_moco_model
 from moco_hf.optimization import build_optimizer
@@ -44,6 +44,7 @@ from moco_hf.pretraining.data_plan import build_augmentation, build_loader, plan
 from moco_hf.schedules import learning_rate_scheduler
 
 BATCH, LR, EPOCHS = 512, 0.06, 200
+STEPS_PER_EPOCH = 50_000 // BATCH  # drop_last: 97
 
 
 def demo_batches(data_dir: str, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -71,7 +72,7 @@ def demo_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], float]:
         group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi / EPOCHS))
 
     def step(query: torch.Tensor, key: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("bf16"):
             loss = demo(query, key)
         optimizer.zero_grad()
         loss.backward()
@@ -86,10 +87,12 @@ def moco_hf_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], floa
     with torch.random.fork_rng():  # building a MocoModel draws weights: leave the global RNG where the demo's is
         model = demo_as_moco_model(demo).train()
     optimizer = build_optimizer(model, model.config, LR)
-    scheduler = learning_rate_scheduler(optimizer, model.config.lr_schedule, EPOCHS * 97, 0, 97)
+    scheduler = learning_rate_scheduler(
+        optimizer, model.config.lr_schedule, EPOCHS * STEPS_PER_EPOCH, 0, STEPS_PER_EPOCH
+    )
 
     def step(query: torch.Tensor, key: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("bf16"):
             loss = model(pixel_values=query, key_pixel_values=key).loss
         loss.backward()
         optimizer.step()
