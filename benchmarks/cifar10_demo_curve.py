@@ -1,13 +1,14 @@
-"""Our run of the official CIFAR-10 demo's recipe beside the demo's own published log, epoch by epoch.
+"""Our runs of the official CIFAR-10 demo's recipe beside the demo's own published log, epoch by epoch.
 
-Reads a run of `scripts/reproduce_cifar10.sh` (its knn_curve.json, metrics.jsonl and results.json) and the demo's log
-(`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with `--control`
-the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`); writes
-`results/cifar10_demo_curve-<device>.json` and `.png` and prints the Markdown table of the README.
+Reads runs of `scripts/reproduce_cifar10.sh` (one per seed: knn_curve.json, metrics.jsonl, run_config.json) and the
+demo's log (`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with
+`--control` the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`, one file per seed);
+writes `results/cifar10_demo_curve-<device>.json` (each run, and their mean at the epochs all reached, against the
+log) and `.png`, and prints the Markdown table of the README.
 
-    bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 \
-        --output_dir outputs/cifar10-demo-cpu
-    python benchmarks/cifar10_demo_curve.py --run outputs/cifar10-demo-cpu --device_name cpu
+    bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 --seed 1 \
+        --output_dir outputs/cifar10-demo-cpu-s1
+    python benchmarks/cifar10_demo_curve.py --run outputs/cifar10-demo-cpu-s1 --command "bash scripts/..."
 """
 
 from __future__ import annotations
@@ -83,92 +84,164 @@ def epoch_rows(run: Path) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], reference: dict, control: list[dict], output: Path, device: str) -> Path:
-    epochs = [row["epoch"] for row in rows]
-    shown = range(1, max(epochs) + 1)
-    fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    knn_ax.plot(shown, [reference[e]["knn_top1"] for e in shown], "s--", color="black", label="official demo (V100)")
-    if control:
-        knn_ax.plot([c["epoch"] for c in control], [c["knn_top1_head"] for c in control], "D-.", color="tab:red",
-                    label="the demo's own code here (head)")  # fmt: skip
-        loss_ax.plot([c["epoch"] for c in control], [c["loss"] for c in control], "D-.", color="tab:red",
-                     label="the demo's own code here")  # fmt: skip
-    knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "o-", color="tab:green", label="moco-hf, head (128-d)")
-    knn_ax.plot(epochs, [row["knn_top1_backbone"] for row in rows], "^:", color="tab:blue",
-                label="moco-hf, backbone (512-d)")  # fmt: skip
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """The runs' mean at every epoch all of them reached (the per-run head accuracies kept beside it)."""
+    reached = min(len(rows) for rows in runs)
+    means = []
+    for epoch_rows_of_runs in zip(*(rows[:reached] for rows in runs), strict=True):
+        mean = {"epoch": epoch_rows_of_runs[0]["epoch"]}
+        for key in ("knn_top1_head", "knn_top1_backbone", "loss", "seconds"):
+            mean[key] = round(sum(row[key] for row in epoch_rows_of_runs) / len(runs), 4 if key == "loss" else 2)
+        mean["images_seen"] = epoch_rows_of_runs[0]["images_seen"]
+        mean["knn_top1_head_per_run"] = [row["knn_top1_head"] for row in epoch_rows_of_runs]
+        means.append(mean)
+    return means
+
+
+def differences_from(rows: list[dict], reference: dict, key: str = "knn_top1_head") -> dict[int, float]:
+    return {row["epoch"]: round(row[key] - reference[row["epoch"]]["knn_top1"], 2) for row in rows}
+
+
+def within_tolerance(differences: dict[int, float]) -> bool:
+    return all(abs(difference) <= TOLERANCE for epoch, difference in differences.items() if epoch >= 3)
+
+
+def plot(runs: dict[int, list[dict]], reference: dict, controls: dict[int, list[dict]], output: Path,
+         device: str) -> Path:  # fmt: skip
+    """Left: kNN top-1 per epoch, the demo's log with its tolerance band, each of our runs (seed) and the demo's
+    code run here (seed); right: the mean training loss of each epoch."""
+    shown = range(1, max(row["epoch"] for rows in runs.values() for row in rows) + 1)
+    fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     knn_ax.fill_between(shown, [reference[e]["knn_top1"] - TOLERANCE for e in shown],
                         [reference[e]["knn_top1"] + TOLERANCE for e in shown], color="gray", alpha=0.2,
                         label=f"demo ± {TOLERANCE} points")  # fmt: skip
-    knn_ax.set(title="Weighted kNN top-1 on the CIFAR-10 test split (%)", xlabel="epoch (of 200)", ylabel="top-1 (%)")
+    knn_ax.plot(shown, [reference[e]["knn_top1"] for e in shown], "s--", color="black", label="official demo (V100)")
     loss_ax.plot(shown, [reference[e]["loss"] for e in shown], "s--", color="black", label="official demo")
-    loss_ax.plot(epochs, [row["loss"] for row in rows], "o-", color="tab:green", label="moco-hf")
+    run_colors, control_colors = ("tab:green", "tab:olive", "tab:cyan"), ("tab:red", "tab:orange", "tab:pink")
+    for color, (seed, rows) in zip(run_colors, runs.items(), strict=False):
+        epochs = [row["epoch"] for row in rows]
+        knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "o-", color=color,
+                    label=f"moco-hf seed {seed}, head (128-d)")  # fmt: skip
+        knn_ax.plot(epochs, [row["knn_top1_backbone"] for row in rows], "^:", color=color, alpha=0.6,
+                    label=f"moco-hf seed {seed}, backbone (512-d)")  # fmt: skip
+        loss_ax.plot(epochs, [row["loss"] for row in rows], "o-", color=color, label=f"moco-hf seed {seed}")
+    if len(runs) > 1:
+        mean = mean_rows(list(runs.values()))
+        knn_ax.plot([row["epoch"] for row in mean], [row["knn_top1_head"] for row in mean], "-", color="darkgreen",
+                    linewidth=3, alpha=0.7, label=f"moco-hf, mean of {len(runs)} seeds, head")  # fmt: skip
+    for color, (seed, rows) in zip(control_colors, controls.items(), strict=False):
+        epochs = [row["epoch"] for row in rows]
+        knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "D-.", color=color,
+                    label=f"the demo's own code here, seed {seed}")  # fmt: skip
+        loss_ax.plot(epochs, [row["loss"] for row in rows], "D-.", color=color,
+                     label=f"the demo's own code here, seed {seed}")  # fmt: skip
+    knn_ax.set(title="Weighted kNN top-1 on the CIFAR-10 test split (%)", xlabel="epoch (of 200)", ylabel="top-1 (%)")
     loss_ax.set(title="Mean training loss of the epoch", xlabel="epoch (of 200)")
     for ax in (knn_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(f"MoCo CIFAR-10 demo recipe, first epochs of 200: moco-hf on {device} vs the published log")
     return save_figure(fig, output)
 
 
-def markdown_table(rows: list[dict], reference: dict, control: list[dict]) -> str:
-    here = {c["epoch"]: c for c in control}
-    lines = ["| epoch | demo kNN | ours kNN (head) | difference | demo code here | ours kNN (backbone) | demo loss | "
-             "ours loss | demo code here |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for row in rows:
-        demo, mine = reference[row["epoch"]], here.get(row["epoch"])
-        mine_knn, mine_loss = (f"{mine['knn_top1_head']:.2f}", f"{mine['loss']:.3f}") if mine else ("-", "-")
-        lines.append(f"| {row['epoch']} | {demo['knn_top1']:.2f} | {row['knn_top1_head']:.2f} | "
-                     f"{row['knn_top1_head'] - demo['knn_top1']:+.2f} | {mine_knn} | {row['knn_top1_backbone']:.2f} | "
-                     f"{demo['loss']:.3f} | {row['loss']:.3f} | {mine_loss} |")  # fmt: skip
+def markdown_table(runs: dict[int, list[dict]], mean: list[dict], reference: dict,
+                   controls: dict[int, list[dict]]) -> str:  # fmt: skip
+    """One row per epoch: the log, our head kNN per seed, their mean and its difference, the demo's code here per
+    seed, our backbone kNN (mean), and the losses likewise."""
+    by_epoch = {seed: {row["epoch"]: row for row in rows} for seed, rows in runs.items()}
+    here = {seed: {row["epoch"]: row for row in rows} for seed, rows in controls.items()}
+    mean_by_epoch = {row["epoch"]: row for row in mean}
+
+    def cell(table: dict, epoch: int, key: str, digits: int) -> str:
+        return f"{table[epoch][key]:.{digits}f}" if epoch in table else "-"
+
+    header = (["epoch", "demo kNN"] + [f"ours seed {seed}" for seed in runs] + ["ours mean", "mean - demo"]
+              + [f"demo code here, seed {seed}" for seed in controls] + ["ours backbone (mean)", "demo loss"]
+              + [f"ours loss seed {seed}" for seed in runs]
+              + [f"demo code loss, seed {seed}" for seed in controls])  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for epoch in sorted({epoch for table in by_epoch.values() for epoch in table}):
+        demo = reference[epoch]
+        mean_row = mean_by_epoch.get(epoch)
+        difference = f"{mean_row['knn_top1_head'] - demo['knn_top1']:+.2f}" if mean_row else "-"
+        cells = ([str(epoch), f"{demo['knn_top1']:.2f}"]
+                 + [cell(table, epoch, "knn_top1_head", 2) for table in by_epoch.values()]
+                 + [cell(mean_by_epoch, epoch, "knn_top1_head", 2), difference]
+                 + [cell(table, epoch, "knn_top1_head", 2) for table in here.values()]
+                 + [cell(mean_by_epoch, epoch, "knn_top1_backbone", 2), f"{demo['loss']:.3f}"]
+                 + [cell(table, epoch, "loss", 3) for table in by_epoch.values()]
+                 + [cell(table, epoch, "loss", 3) for table in here.values()])  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("outputs/cifar10-demo-cpu"))
+    parser.add_argument("--run", type=Path, nargs="+", default=[Path("outputs/cifar10-demo-cpu")],
+                        help="Output directories of reproduce_cifar10.sh runs (one per seed).")  # fmt: skip
+    parser.add_argument("--command", nargs="+", required=True,
+                        help="The command(s) that trained each run, as typed: one per --run, in order.")  # fmt: skip
     parser.add_argument("--device_name", default="cpu", help="Suffix of the result files (cpu, gpu).")
-    parser.add_argument("--device", default=None, help="The machine that trained the run (default: this CPU).")
-    parser.add_argument("--command", required=True, help="The command(s) that trained the run, as typed.")
-    parser.add_argument("--control", type=Path, default=None,
+    parser.add_argument("--device", default=None, help="The machine that trained the runs (default: this CPU).")
+    parser.add_argument("--control", type=Path, nargs="*", default=[],
                         help="cifar10_demo_notebook.py results: the demo code on this machine and data.")  # fmt: skip
     args = parser.parse_args()
+    if len(args.command) != len(args.run):
+        parser.error(f"--command needs one command per --run: got {len(args.command)} for {len(args.run)} runs")
     log = demo_log()
-    control_run = json.loads(args.control.read_text()) if args.control else None
-    control = [{k: round(v, 4) for k, v in row.items()} for row in control_run["epochs"]] if control_run else []
-    rows = epoch_rows(args.run)
-    run_config = json.loads((args.run / "run_config.json").read_text())
-    device = args.device or f"{cpu_model()} ({os.cpu_count()} cores), {run_config['num_processes']} process"
-    differences = {row["epoch"]: round(row["knn_top1_head"] - log["by_epoch"][row["epoch"]]["knn_top1"], 2)
-                   for row in rows}  # fmt: skip
+    reference = log["by_epoch"]
+    run_configs = [json.loads((run / "run_config.json").read_text()) for run in args.run]
+    runs = {config["seed"]: epoch_rows(run) for config, run in zip(run_configs, args.run, strict=True)}
+    control_files = [json.loads(path.read_text()) for path in args.control]
+    control_runs = {int(control["settings"]["seed"]): control for control in control_files}
+    controls = {seed: [{k: round(v, 4) for k, v in row.items()} for row in control["epochs"]]
+                for seed, control in control_runs.items()}  # fmt: skip
+    mean = mean_rows(list(runs.values()))
+    device = args.device or f"{cpu_model()} ({os.cpu_count()} cores), {run_configs[0]['num_processes']} process"
+    differences = differences_from(mean, reference)
     summary = {
-        "epochs": rows,
+        "epochs": mean,
+        "epochs_are": f"the mean of {len(runs)} run(s), seeds {list(runs)}, at every epoch all of them reached",
+        "difference_head_vs_demo": differences,
+        "within_tolerance_from_epoch_3": within_tolerance(differences),
+        "tolerance_points": TOLERANCE,
+        "runs": [
+            {
+                "seed": seed,
+                "output_dir": str(run),
+                "command": command,
+                "epochs": rows,
+                "difference_head_vs_demo": differences_from(rows, reference),
+                "within_tolerance_from_epoch_3": within_tolerance(differences_from(rows, reference)),
+            }
+            for (seed, rows), run, command in zip(runs.items(), args.run, args.command, strict=True)
+        ],
         "reference": {
             "source": log["source"],
             "device": log["device"],
             "protocol": log["protocol"],
-            "epochs": [log["by_epoch"][row["epoch"]] for row in rows],
-            "later": {e: log["by_epoch"][e]["knn_top1"] for e in (20, 50, 100, 200)},
+            "epochs": [reference[row["epoch"]] for row in max(runs.values(), key=len)],
+            "later": {e: reference[e]["knn_top1"] for e in (20, 50, 100, 200)},
         },
-        "difference_head_vs_demo": differences,
-        "within_tolerance_from_epoch_3": all(abs(d) <= TOLERANCE for e, d in differences.items() if e >= 3),
-        "tolerance_points": TOLERANCE,
         "command": args.command,
         "device": device,
-        "mixed_precision": run_config["mixed_precision"],
-        "demo_code_on_this_machine": {
-            "what": "the notebook's own code (benchmarks/cifar10_demo_notebook.py): same data, machine and precision",
-            "settings": control_run["settings"],
-            "epochs": control,
-        }
-        if control_run
-        else None,
+        "mixed_precision": sorted({config["mixed_precision"] for config in run_configs}),
+        "demo_code_on_this_machine": [
+            {
+                "what": "the notebook's own code (cifar10_demo_notebook.py): same data, machine and precision",
+                "settings": control["settings"],
+                "epochs": controls[seed],
+                "difference_head_vs_demo": differences_from(controls[seed], reference),
+            }
+            for seed, control in control_runs.items()
+        ],
     }
     output = RESULTS / f"cifar10_demo_curve-{args.device_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=1))
-    plot(rows, log["by_epoch"], control, output.with_suffix(".png"), device)
-    print(markdown_table(rows, log["by_epoch"], control))
+    plot(runs, reference, controls, output.with_suffix(".png"), device)
+    print(markdown_table(runs, mean, reference, controls))
     print(f"Wrote {output} and {output.with_suffix('.png')}")
 
 
