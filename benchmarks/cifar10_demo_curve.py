@@ -140,7 +140,8 @@ def plot(runs: dict[int, list[dict]], reference: dict, controls: dict[int, list[
     for ax in (knn_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    knn_ax.legend(fontsize=7, loc="upper left")  # the curves rise to the right
+    loss_ax.legend(fontsize=7)
     fig.suptitle(f"MoCo CIFAR-10 demo recipe, first epochs of 200: moco-hf on {device} vs the published log")
     return save_figure(fig, output)
 
