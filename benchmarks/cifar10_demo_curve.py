@@ -107,10 +107,23 @@ def within_tolerance(differences: dict[int, float]) -> bool:
     return all(abs(difference) <= TOLERANCE for epoch, difference in differences.items() if epoch >= 3)
 
 
-def plot(runs: dict[int, list[dict]], reference: dict, controls: dict[int, list[dict]], output: Path,
-         device: str) -> Path:  # fmt: skip
-    """Left: kNN top-1 per epoch, the demo's log with its tolerance band, each of our runs (seed) and the demo's
-    code run here (seed); right: the mean training loss of each epoch."""
+def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference: dict) -> dict:
+    """One run of ours in the result file: where and how it was trained, its epochs and their distance to the log."""
+    differences = differences_from(rows, reference)
+    return {
+        "seed": seed,
+        "output_dir": str(run),
+        "command": command,
+        "epochs": rows,
+        "difference_head_vs_demo": differences,
+        "within_tolerance_from_epoch_3": within_tolerance(differences),
+    }
+
+
+def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, controls: dict[int, list[dict]],
+         output: Path, device: str) -> Path:  # fmt: skip
+    """Left: kNN top-1 per epoch, the demo's log with its tolerance band, each of our runs (seed), their mean and
+    the demo's code run here (seed); right: the mean training loss of each epoch."""
     shown = range(1, max(row["epoch"] for rows in runs.values() for row in rows) + 1)
     fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     knn_ax.fill_between(shown, [reference[e]["knn_top1"] - TOLERANCE for e in shown],
@@ -127,7 +140,6 @@ def plot(runs: dict[int, list[dict]], reference: dict, controls: dict[int, list[
                     label=f"moco-hf seed {seed}, backbone (512-d)")  # fmt: skip
         loss_ax.plot(epochs, [row["loss"] for row in rows], "o-", color=color, label=f"moco-hf seed {seed}")
     if len(runs) > 1:
-        mean = mean_rows(list(runs.values()))
         knn_ax.plot([row["epoch"] for row in mean], [row["knn_top1_head"] for row in mean], "-", color="darkgreen",
                     linewidth=3, alpha=0.7, label=f"moco-hf, mean of {len(runs)} seeds, head")  # fmt: skip
     for color, (seed, rows) in zip(control_colors, controls.items(), strict=False):
@@ -209,14 +221,7 @@ def main() -> None:
         "within_tolerance_from_epoch_3": within_tolerance(differences),
         "tolerance_points": TOLERANCE,
         "runs": [
-            {
-                "seed": seed,
-                "output_dir": str(run),
-                "command": command,
-                "epochs": rows,
-                "difference_head_vs_demo": differences_from(rows, reference),
-                "within_tolerance_from_epoch_3": within_tolerance(differences_from(rows, reference)),
-            }
+            run_summary(seed, rows, run, command, reference)
             for (seed, rows), run, command in zip(runs.items(), args.run, args.command, strict=True)
         ],
         "reference": {
@@ -242,7 +247,7 @@ def main() -> None:
     output = RESULTS / f"cifar10_demo_curve-{args.device_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=1))
-    plot(runs, reference, controls, output.with_suffix(".png"), device)
+    plot(runs, mean, reference, controls, output.with_suffix(".png"), device)
     print(markdown_table(runs, mean, reference, controls))
     print(f"Wrote {output} and {output.with_suffix('.png')}")
 
