@@ -14,9 +14,11 @@ log) and `.png`, and prints the Markdown table of the README.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -107,6 +109,46 @@ def within_tolerance(differences: dict[int, float]) -> bool:
     return all(abs(difference) <= TOLERANCE for epoch, difference in differences.items() if epoch >= 3)
 
 
+def seed_spread(runs: dict[int, list[dict]]) -> list[dict]:
+    """Head kNN top-1 between seeds, at every epoch at least two runs reached: how many, mean, sample standard
+    deviation, lowest and highest."""
+    by_epoch: dict[int, list[float]] = {}
+    for rows in runs.values():
+        for row in rows:
+            by_epoch.setdefault(row["epoch"], []).append(row["knn_top1_head"])
+    return [
+        {"epoch": epoch, "runs": len(values), "mean": round(statistics.mean(values), 2),
+         "sd": round(statistics.stdev(values), 2), "min": min(values), "max": max(values)}
+        for epoch, values in sorted(by_epoch.items()) if len(values) > 1
+    ]  # fmt: skip
+
+
+def permutation_test(ours: dict[int, list[dict]], theirs: dict[int, list[dict]]) -> dict:
+    """Do our runs and the demo code's runs come from one distribution? Each run is summarised by its mean head kNN
+    over the epochs every run reached; the statistic is the difference of the two groups' means, and its exact
+    two-sided p-value counts the splits of all runs into groups of the same sizes that differ at least as much."""
+    epochs = min(len(rows) for rows in (*ours.values(), *theirs.values()))
+    scores = [
+        statistics.mean(row["knn_top1_head"] for row in rows[:epochs]) for rows in (*ours.values(), *theirs.values())
+    ]
+    size = len(ours)
+
+    def difference(group: tuple[int, ...]) -> float:
+        rest = [score for index, score in enumerate(scores) if index not in group]
+        return statistics.mean(scores[index] for index in group) - statistics.mean(rest)
+
+    observed = difference(tuple(range(size)))
+    splits = list(itertools.combinations(range(len(scores)), size))
+    as_extreme = sum(abs(difference(split)) >= abs(observed) - 1e-9 for split in splits)
+    return {
+        "epochs": list(range(1, epochs + 1)),
+        "statistic": "mean head kNN over these epochs, ours minus the demo's code (points)",
+        "difference": round(observed, 2),
+        "p_value_two_sided": round(as_extreme / len(splits), 3),
+        "smallest_possible_p": round(2 / len(splits), 3) if len(ours) == len(theirs) else round(1 / len(splits), 3),
+    }
+
+
 def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference: dict) -> dict:
     """One run of ours in the result file: where and how it was trained, its epochs and their distance to the log."""
     differences = differences_from(rows, reference)
@@ -159,35 +201,54 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
     return save_figure(fig, output)
 
 
-def markdown_table(runs: dict[int, list[dict]], mean: list[dict], reference: dict,
-                   controls: dict[int, list[dict]]) -> str:  # fmt: skip
-    """One row per epoch: the log, our head kNN per seed, their mean and its difference, the demo's code here per
-    seed, our backbone kNN (mean), and the losses likewise."""
-    by_epoch = {seed: {row["epoch"]: row for row in rows} for seed, rows in runs.items()}
+def markdown_tables(runs: dict[int, list[dict]], mean: list[dict], reference: dict,
+                    controls: dict[int, list[dict]], spread: dict) -> str:  # fmt: skip
+    """Three tables of the README, one row per epoch. kNN: the log, our head kNN per seed, their mean and its
+    difference, the demo's code here per seed, our backbone kNN (mean). Loss: the log, ours and the demo's code per
+    seed. Between seeds: each code's mean, standard deviation and range beside the log."""
+    ours = {seed: {row["epoch"]: row for row in rows} for seed, rows in runs.items()}
     here = {seed: {row["epoch"]: row for row in rows} for seed, rows in controls.items()}
     mean_by_epoch = {row["epoch"]: row for row in mean}
+    epochs = sorted({epoch for table in ours.values() for epoch in table})
 
     def cell(table: dict, epoch: int, key: str, digits: int) -> str:
         return f"{table[epoch][key]:.{digits}f}" if epoch in table else "-"
 
-    header = (["epoch", "demo kNN"] + [f"ours seed {seed}" for seed in runs] + ["ours mean", "mean - demo"]
-              + [f"demo code here, seed {seed}" for seed in controls] + ["ours backbone (mean)", "demo loss"]
-              + [f"ours loss seed {seed}" for seed in runs]
-              + [f"demo code loss, seed {seed}" for seed in controls])  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for epoch in sorted({epoch for table in by_epoch.values() for epoch in table}):
-        demo = reference[epoch]
-        mean_row = mean_by_epoch.get(epoch)
-        difference = f"{mean_row['knn_top1_head'] - demo['knn_top1']:+.2f}" if mean_row else "-"
-        cells = ([str(epoch), f"{demo['knn_top1']:.2f}"]
-                 + [cell(table, epoch, "knn_top1_head", 2) for table in by_epoch.values()]
-                 + [cell(mean_by_epoch, epoch, "knn_top1_head", 2), difference]
-                 + [cell(table, epoch, "knn_top1_head", 2) for table in here.values()]
-                 + [cell(mean_by_epoch, epoch, "knn_top1_backbone", 2), f"{demo['loss']:.3f}"]
-                 + [cell(table, epoch, "loss", 3) for table in by_epoch.values()]
-                 + [cell(table, epoch, "loss", 3) for table in here.values()])  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def table(header: list[str], rows: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+    knn = table(
+        ["epoch", "demo kNN"] + [f"ours seed {seed}" for seed in runs] + ["ours mean", "mean - demo"]
+        + [f"demo code here, seed {seed}" for seed in controls] + ["ours backbone (mean)"],
+        [[str(epoch), f"{reference[epoch]['knn_top1']:.2f}"]
+         + [cell(table, epoch, "knn_top1_head", 2) for table in ours.values()]
+         + [cell(mean_by_epoch, epoch, "knn_top1_head", 2),
+            f"{mean_by_epoch[epoch]['knn_top1_head'] - reference[epoch]['knn_top1']:+.2f}"
+            if epoch in mean_by_epoch else "-"]
+         + [cell(table, epoch, "knn_top1_head", 2) for table in here.values()]
+         + [cell(mean_by_epoch, epoch, "knn_top1_backbone", 2)] for epoch in epochs])  # fmt: skip
+    loss = table(
+        ["epoch", "demo loss"] + [f"ours seed {seed}" for seed in runs]
+        + [f"demo code here, seed {seed}" for seed in controls],
+        [[str(epoch), f"{reference[epoch]['loss']:.3f}"]
+         + [cell(table, epoch, "loss", 3) for table in (*ours.values(), *here.values())]
+         for epoch in epochs])  # fmt: skip
+
+    def summary(row: dict | None) -> str:
+        return (
+            f"{row['mean']:.2f} ± {row['sd']:.2f} ({row['min']:.2f}-{row['max']:.2f}, {row['runs']} runs)"
+            if row
+            else "-"
+        )
+
+    ours_spread = {row["epoch"]: row for row in spread["ours"]}
+    here_spread = {row["epoch"]: row for row in spread["demo_code_here"]}
+    between = table(
+        ["epoch", "demo kNN (log)", "ours: mean ± sd (range, runs)", "demo code here: mean ± sd (range, runs)"],
+        [[str(epoch), f"{reference[epoch]['knn_top1']:.2f}", summary(ours_spread.get(epoch)),
+          summary(here_spread.get(epoch))] for epoch in sorted(ours_spread)])  # fmt: skip
+    return "\n\n".join((knn, loss, between))
 
 
 def main() -> None:
@@ -214,12 +275,18 @@ def main() -> None:
     mean = mean_rows(list(runs.values()))
     device = args.device or f"{cpu_model()} ({os.cpu_count()} cores), {run_configs[0]['num_processes']} process"
     differences = differences_from(mean, reference)
+    spread = {
+        "ours": seed_spread(runs),
+        "demo_code_here": seed_spread(controls),
+        "permutation_test": permutation_test(runs, controls) if controls else None,
+    }
     summary = {
         "epochs": mean,
         "epochs_are": f"the mean of {len(runs)} run(s), seeds {list(runs)}, at every epoch all of them reached",
         "difference_head_vs_demo": differences,
         "within_tolerance_from_epoch_3": within_tolerance(differences),
         "tolerance_points": TOLERANCE,
+        "between_seeds": spread,
         "runs": [
             run_summary(seed, rows, run, command, reference)
             for (seed, rows), run, command in zip(runs.items(), args.run, args.command, strict=True)
@@ -248,7 +315,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=1))
     plot(runs, mean, reference, controls, output.with_suffix(".png"), device)
-    print(markdown_table(runs, mean, reference, controls))
+    print(markdown_tables(runs, mean, reference, controls, spread))
     print(f"Wrote {output} and {output.with_suffix('.png')}")
 
 

@@ -1,0 +1,33 @@
+"""The between-seed statistics of `benchmarks/cifar10_demo_curve.py`, on hand-computed examples."""
+
+from benchmarks.cifar10_demo_curve import permutation_test, seed_spread
+
+
+def runs(*curves: list[float]) -> dict[int, list[dict]]:
+    return {
+        seed: [{"epoch": epoch, "knn_top1_head": value} for epoch, value in enumerate(curve, 1)]
+        for seed, curve in enumerate(curves)
+    }
+
+
+def test_seed_spread_is_mean_sample_sd_and_range_where_two_runs_reached_the_epoch():
+    spread = seed_spread(runs([30.0, 40.0, 50.0], [32.0, 41.0], [34.0, 45.0]))
+    # epoch 1: 30, 32, 34: mean 32, sample sd 2; epoch 2: 40, 41, 45: mean 42, sd sqrt(7); epoch 3 has one run only.
+    assert spread == [
+        {"epoch": 1, "runs": 3, "mean": 32.0, "sd": 2.0, "min": 30.0, "max": 34.0},
+        {"epoch": 2, "runs": 3, "mean": 42.0, "sd": 2.65, "min": 40.0, "max": 45.0},
+    ]
+
+
+def test_permutation_test_counts_the_splits_as_far_apart_as_the_observed_one():
+    # Over the one epoch all six runs reached: ours 3, 4, 5 against 0, 1, 2. Of the 20 ways to pick three of six,
+    # only {3, 4, 5} and its complement differ by 3 points: p = 2 / 20.
+    separated = permutation_test(runs([3.0, 9.0], [4.0], [5.0]), runs([0.0], [1.0], [2.0]))
+    assert separated["epochs"] == [1]
+    assert separated["difference"] == 3.0
+    assert separated["p_value_two_sided"] == separated["smallest_possible_p"] == 0.1
+    # Interleaved (ours 0, 2, 4 against 1, 3, 5: difference -1): a split whose three sum to S differs by (2S - 15) / 3,
+    # at least 1 in size when S <= 6 (7 of the 20 triples) or S >= 9 (another 7): p = 14 / 20.
+    interleaved = permutation_test(runs([0.0], [2.0], [4.0]), runs([1.0], [3.0], [5.0]))
+    assert interleaved["difference"] == -1.0
+    assert interleaved["p_value_two_sided"] == 0.7
