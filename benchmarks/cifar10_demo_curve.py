@@ -167,7 +167,7 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
     """Left: kNN top-1 per epoch, the demo's log with its tolerance band, each of our runs (seed), their mean and
     the demo's code run here (seed); right: the mean training loss of each epoch."""
     shown = range(1, max(row["epoch"] for rows in runs.values() for row in rows) + 1)
-    fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 6.5))
     knn_ax.fill_between(shown, [reference[e]["knn_top1"] - TOLERANCE for e in shown],
                         [reference[e]["knn_top1"] + TOLERANCE for e in shown], color="gray", alpha=0.2,
                         label=f"demo ± {TOLERANCE} points")  # fmt: skip
@@ -195,8 +195,8 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
     for ax in (knn_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    knn_ax.legend(fontsize=7, loc="upper left")  # the curves rise to the right
-    loss_ax.legend(fontsize=7)
+    for ax in (knn_ax, loss_ax):  # below the axes: the curves fill them
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle(f"MoCo CIFAR-10 demo recipe, first epochs of 200: moco-hf on {device} vs the published log")
     return save_figure(fig, output)
 
