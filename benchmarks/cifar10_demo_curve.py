@@ -4,7 +4,7 @@ Reads runs of `scripts/reproduce_cifar10.sh` (one per seed: knn_curve.json, metr
 demo's log (`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with
 `--control` the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`, one file per seed);
 writes `results/cifar10_demo_curve-<device>.json` (each run, and their mean at the epochs all reached, against the
-log) and `.png`, and prints the Markdown table of the README.
+log, and the spread between seeds of ours and of the demo's code) and `.png`, and prints the README's tables.
 
     bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 --seed 1 \
         --output_dir outputs/cifar10-demo-cpu-s1
@@ -209,7 +209,7 @@ def markdown_tables(runs: dict[int, list[dict]], mean: list[dict], reference: di
     ours = {seed: {row["epoch"]: row for row in rows} for seed, rows in runs.items()}
     here = {seed: {row["epoch"]: row for row in rows} for seed, rows in controls.items()}
     mean_by_epoch = {row["epoch"]: row for row in mean}
-    epochs = sorted({epoch for table in ours.values() for epoch in table})
+    epochs = sorted({epoch for seed_rows in ours.values() for epoch in seed_rows})
 
     def cell(table: dict, epoch: int, key: str, digits: int) -> str:
         return f"{table[epoch][key]:.{digits}f}" if epoch in table else "-"
@@ -222,17 +222,17 @@ def markdown_tables(runs: dict[int, list[dict]], mean: list[dict], reference: di
         ["epoch", "demo kNN"] + [f"ours seed {seed}" for seed in runs] + ["ours mean", "mean - demo"]
         + [f"demo code here, seed {seed}" for seed in controls] + ["ours backbone (mean)"],
         [[str(epoch), f"{reference[epoch]['knn_top1']:.2f}"]
-         + [cell(table, epoch, "knn_top1_head", 2) for table in ours.values()]
+         + [cell(seed_rows, epoch, "knn_top1_head", 2) for seed_rows in ours.values()]
          + [cell(mean_by_epoch, epoch, "knn_top1_head", 2),
             f"{mean_by_epoch[epoch]['knn_top1_head'] - reference[epoch]['knn_top1']:+.2f}"
             if epoch in mean_by_epoch else "-"]
-         + [cell(table, epoch, "knn_top1_head", 2) for table in here.values()]
+         + [cell(seed_rows, epoch, "knn_top1_head", 2) for seed_rows in here.values()]
          + [cell(mean_by_epoch, epoch, "knn_top1_backbone", 2)] for epoch in epochs])  # fmt: skip
     loss = table(
         ["epoch", "demo loss"] + [f"ours seed {seed}" for seed in runs]
         + [f"demo code here, seed {seed}" for seed in controls],
         [[str(epoch), f"{reference[epoch]['loss']:.3f}"]
-         + [cell(table, epoch, "loss", 3) for table in (*ours.values(), *here.values())]
+         + [cell(seed_rows, epoch, "loss", 3) for seed_rows in (*ours.values(), *here.values())]
          for epoch in epochs])  # fmt: skip
 
     def summary(row: dict | None) -> str:
