@@ -195,8 +195,7 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
     for ax in (knn_ax, loss_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for ax in (knn_ax, loss_ax):  # below the axes: the curves fill them
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: the curves fill it
     fig.suptitle(f"MoCo CIFAR-10 demo recipe, first epochs of 200: moco-hf on {device} vs the published log")
     return save_figure(fig, output)
 
