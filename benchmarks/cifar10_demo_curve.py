@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
@@ -149,6 +150,30 @@ def permutation_test(ours: dict[int, list[dict]], theirs: dict[int, list[dict]])
     }
 
 
+def criterion_between_runs(groups: dict[str, dict[int, list[dict]]]) -> dict:
+    """The issue's criterion applied between two runs instead of a run and the log: does run A's head kNN stay within
+    TOLERANCE of run B's at every epoch from 3 on that both reached? Counted for every pair of runs, within each code
+    and across them: how often two draws of one recipe pass it against each other."""
+    curves = [(group, seed, {row["epoch"]: row["knn_top1_head"] for row in rows})
+              for group, runs in groups.items() for seed, rows in runs.items()]  # fmt: skip
+    pairs, passed, compared = [], Counter(), Counter()
+    for (group_a, seed_a, curve_a), (group_b, seed_b, curve_b) in itertools.combinations(curves, 2):
+        epochs = sorted(epoch for epoch in curve_a.keys() & curve_b.keys() if epoch >= 3)
+        if not epochs:
+            continue
+        differences = {epoch: round(curve_a[epoch] - curve_b[epoch], 2) for epoch in epochs}
+        kind = f"{group_a} vs {group_b}"
+        compared[kind] += 1
+        passed[kind] += within_tolerance(differences)
+        pairs.append({"runs": [f"{group_a} seed {seed_a}", f"{group_b} seed {seed_b}"], "difference": differences,
+                      "within_tolerance": within_tolerance(differences)})  # fmt: skip
+    return {
+        "tolerance_points": TOLERANCE,
+        "pairs_within_tolerance": {kind: f"{passed[kind]} of {count}" for kind, count in compared.items()},
+        "pairs": pairs,
+    }
+
+
 def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference: dict) -> dict:
     """One run of ours in the result file: where and how it was trained, its epochs and their distance to the log."""
     differences = differences_from(rows, reference)
@@ -162,6 +187,11 @@ def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference:
     }
 
 
+def shades(colormap: str, count: int) -> list[tuple]:
+    """`count` colours spread over one matplotlib colormap: one per seed, however many seeds."""
+    return [plt.get_cmap(colormap)(index / max(1, count - 1) * 0.85) for index in range(count)]
+
+
 def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, controls: dict[int, list[dict]],
          output: Path, device: str) -> Path:  # fmt: skip
     """Left: kNN top-1 per epoch, the demo's log with its tolerance band, each of our runs (seed), their mean and
@@ -173,8 +203,8 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
                         label=f"demo ± {TOLERANCE} points")  # fmt: skip
     knn_ax.plot(shown, [reference[e]["knn_top1"] for e in shown], "s--", color="black", label="official demo (V100)")
     loss_ax.plot(shown, [reference[e]["loss"] for e in shown], "s--", color="black", label="official demo")
-    run_colors, control_colors = ("tab:green", "tab:olive", "tab:cyan"), ("tab:red", "tab:orange", "tab:pink")
-    for color, (seed, rows) in zip(run_colors, runs.items(), strict=False):
+    run_colors, control_colors = shades("winter", len(runs)), shades("autumn", len(controls))
+    for color, (seed, rows) in zip(run_colors, runs.items(), strict=True):
         epochs = [row["epoch"] for row in rows]
         knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "o-", color=color,
                     label=f"moco-hf seed {seed}, head (128-d)")  # fmt: skip
@@ -184,7 +214,7 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
     if len(runs) > 1:
         knn_ax.plot([row["epoch"] for row in mean], [row["knn_top1_head"] for row in mean], "-", color="darkgreen",
                     linewidth=3, alpha=0.7, label=f"moco-hf, mean of {len(runs)} seeds, head")  # fmt: skip
-    for color, (seed, rows) in zip(control_colors, controls.items(), strict=False):
+    for color, (seed, rows) in zip(control_colors, controls.items(), strict=True):
         epochs = [row["epoch"] for row in rows]
         knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "D-.", color=color,
                     label=f"the demo's own code here, seed {seed}")  # fmt: skip
@@ -278,6 +308,7 @@ def main() -> None:
         "ours": seed_spread(runs),
         "demo_code_here": seed_spread(controls),
         "permutation_test": permutation_test(runs, controls) if controls else None,
+        "criterion_between_runs": criterion_between_runs({"ours": runs, "demo code here": controls}),
     }
     summary = {
         "epochs": mean,

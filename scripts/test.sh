@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the linter and the whole test suite (245 tests; on 2 CPU cores, alone, from a
+# Sets everything up, then runs the linter and the whole test suite (246 tests; on 2 CPU cores, alone, from a
 # fresh clone: 12 min 04 s of pytest; -m "not slow": 2 min 49 s at 243 tests).
 # Extra arguments go to pytest (e.g. -k modeling, or -m "not slow" for the quick part).
 set -euo pipefail

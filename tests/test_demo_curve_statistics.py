@@ -1,6 +1,6 @@
 """The between-seed statistics of `benchmarks/cifar10_demo_curve.py`, on hand-computed examples."""
 
-from benchmarks.cifar10_demo_curve import permutation_test, seed_spread
+from benchmarks.cifar10_demo_curve import criterion_between_runs, permutation_test, seed_spread
 
 
 def runs(*curves: list[float]) -> dict[int, list[dict]]:
@@ -31,3 +31,16 @@ def test_permutation_test_counts_the_splits_as_far_apart_as_the_observed_one():
     interleaved = permutation_test(runs([0.0], [2.0], [4.0]), runs([1.0], [3.0], [5.0]))
     assert interleaved["difference"] == -1.0
     assert interleaved["p_value_two_sided"] == 0.7
+
+
+def test_criterion_between_runs_compares_every_pair_from_epoch_3_where_both_reached():
+    ours = runs([30.0, 35.0, 40.0, 42.0], [31.0, 36.0, 41.5, 44.0])
+    demo_code = runs([29.0, 34.0, 40.5, 43.0], [33.0, 37.0])  # its seed 1 stopped at epoch 2: compared with none
+    result = criterion_between_runs({"ours": ours, "demo code": demo_code})
+    # ours 0 - ours 1: -1.5 (on the edge: within), -2.0 (out); ours 0 - demo 0: -0.5, -1.0; ours 1 - demo 0: 1, 1.
+    assert [(pair["runs"], pair["difference"], pair["within_tolerance"]) for pair in result["pairs"]] == [
+        (["ours seed 0", "ours seed 1"], {3: -1.5, 4: -2.0}, False),
+        (["ours seed 0", "demo code seed 0"], {3: -0.5, 4: -1.0}, True),
+        (["ours seed 1", "demo code seed 0"], {3: 1.0, 4: 1.0}, True),
+    ]
+    assert result["pairs_within_tolerance"] == {"ours vs ours": "0 of 1", "ours vs demo code": "2 of 2"}
