@@ -10,9 +10,10 @@ weights (`demo_init_as_moco_model.py`) differ in their loss from the first steps
 * `--data moco-hf`: the trainer's loader (`plan_data`, `build_loader`; batched augmentation on the CPU, or
   `--augment_on_device false` for torchvision v2 per image in the workers).
 
-Every 10 steps it prints the mean loss of those 10 steps, under bf16 autocast as the CPU runs were, and writes them
-to `benchmarks/results/cifar10_demo_swap-<leg>.json`; `--trainer_metrics` records the trainer's own run from the
-same start (its `metrics.jsonl` with `--logging_steps 10`) beside them, and `--plot` draws them all:
+Every 10 steps it prints the mean loss of those 10 steps, under bf16 autocast as the CPU runs were (`--precision
+fp32`: in fp32, as the published run was), and writes them to `benchmarks/results/cifar10_demo_swap-<leg>.json`;
+`--trainer_metrics` records the trainer's own run from the same start (its `metrics.jsonl` with `--logging_steps
+10`) beside them, and `--plot` draws them all:
 
     python benchmarks/cifar10_demo_swap.py --step demo --data moco-hf --steps 40
     python benchmarks/cifar10_demo_swap.py --trainer_metrics outputs/cifar10-from-demo-init/metrics.jsonl \
@@ -22,6 +23,7 @@ same start (its `metrics.jsonl` with `--logging_steps 10`) beside them, and `--p
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -65,14 +67,14 @@ def moco_hf_batches(data_dir: str, seed: int, workers: int, on_device: bool) -> 
         yield two_crops.on_device(batch, accelerator.device)
 
 
-def demo_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], float]:
+def demo_step(demo: ModelMoCo, precision: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """The notebook's `train_epoch` body, at its learning rate of epoch 1."""
     optimizer = torch.optim.SGD(demo.train().parameters(), lr=LR, weight_decay=5e-4, momentum=0.9)
     for group in optimizer.param_groups:
         group["lr"] = LR * 0.5 * (1.0 + math.cos(math.pi / EPOCHS))
 
     def step(query: torch.Tensor, key: torch.Tensor) -> float:
-        with autocast("bf16"):
+        with autocast(precision):
             loss = demo(query, key)
         optimizer.zero_grad()
         loss.backward()
@@ -82,7 +84,7 @@ def demo_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], float]:
     return step
 
 
-def moco_hf_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], float]:
+def moco_hf_step(demo: ModelMoCo, precision: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """The trainer's step (`moco_hf.pretraining.loop.training_step` without Accelerate) on `demo`'s weights."""
     with torch.random.fork_rng():  # building a MocoModel draws weights: leave the global RNG where the demo's is
         model = demo_as_moco_model(demo).train()
@@ -92,7 +94,7 @@ def moco_hf_step(demo: ModelMoCo) -> Callable[[torch.Tensor, torch.Tensor], floa
     )
 
     def step(query: torch.Tensor, key: torch.Tensor) -> float:
-        with autocast("bf16"):
+        with autocast(precision):
             loss = model(pixel_values=query, key_pixel_values=key).loss
         loss.backward()
         optimizer.step()
@@ -115,7 +117,7 @@ def window_means(losses: list[float], steps: list[int]) -> list[dict[str, float]
 def run_leg(args: argparse.Namespace) -> Path:
     """Train `args.steps` steps of one combination; the mean loss of every 10 steps, in RESULTS."""
     torch.manual_seed(args.seed)  # the control's initial draw, as cifar10_demo_notebook.main
-    step = (demo_step if args.step == "demo" else moco_hf_step)(ModelMoCo(K=4096))
+    step = (demo_step if args.step == "demo" else moco_hf_step)(ModelMoCo(K=4096), args.precision)
     if args.data_seed is not None:
         torch.manual_seed(args.data_seed)
     if args.data == "demo":
@@ -132,6 +134,7 @@ def run_leg(args: argparse.Namespace) -> Path:
             break
     name = f"step_{args.step}-data_{args.data}{'' if args.augment_on_device else '-per_image'}"
     name += "" if args.data_seed is None else f"-data_seed{args.data_seed}"
+    name += "" if args.precision == "bf16" else f"-{args.precision}"
     return write_leg(name, vars(args), window_means(losses, list(range(10, len(losses) + 1, 10))))
 
 
@@ -155,8 +158,10 @@ def trainer_leg(metrics_path: Path) -> Path:
 def plot_legs(output: Path) -> Path:
     """Every leg's window means against the step, in one panel."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    styles = zip("os^Dv", ["-", "--", ":", "-.", (0, (1, 3))], strict=False)  # overlapping legs stay visible
-    for path, (marker, line) in zip(sorted(RESULTS.glob("cifar10_demo_swap-*.json")), styles, strict=False):
+    # A marker and a line style per leg, so that legs which overlap stay visible; repeated past six legs.
+    styles = itertools.cycle(zip("os^Dvx", ["-", "--", ":", "-.", (0, (1, 3)), (0, (5, 2))], strict=True))
+    for path in sorted(RESULTS.glob("cifar10_demo_swap-*.json")):
+        marker, line = next(styles)
         leg = json.loads(path.read_text())
         ends = [window["last_step"] for window in leg["windows"]]
         ax.plot(ends, [window["loss"] for window in leg["windows"]], marker=marker, linestyle=line, label=leg["name"],
@@ -181,6 +186,7 @@ def main() -> None:
         default=None,
         help="another data order and augmentation draw (default: the control's, after --seed)",
     )
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: autocast, as the runs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data_dir", default="../shared/data/cifar10")
     parser.add_argument("--trainer_metrics", type=Path, help="record a trainer run's metrics.jsonl as a leg")
