@@ -169,7 +169,7 @@ def criterion_between_runs(groups: dict[str, dict[int, list[dict]]]) -> dict:
                       "within_tolerance": within_tolerance(differences)})  # fmt: skip
     return {
         "tolerance_points": TOLERANCE,
-        "pairs_within_tolerance": {kind: f"{passed[kind]} of {count}" for kind, count in compared.items()},
+        "pairs_within_tolerance": {kind: {"within": passed[kind], "of": count} for kind, count in compared.items()},
         "pairs": pairs,
     }
 

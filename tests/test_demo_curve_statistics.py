@@ -43,4 +43,7 @@ def test_criterion_between_runs_compares_every_pair_from_epoch_3_where_both_reac
         (["ours seed 0", "demo code seed 0"], {3: -0.5, 4: -1.0}, True),
         (["ours seed 1", "demo code seed 0"], {3: 1.0, 4: 1.0}, True),
     ]
-    assert result["pairs_within_tolerance"] == {"ours vs ours": "0 of 1", "ours vs demo code": "2 of 2"}
+    assert result["pairs_within_tolerance"] == {
+        "ours vs ours": {"within": 0, "of": 1},
+        "ours vs demo code": {"within": 2, "of": 2},
+    }
