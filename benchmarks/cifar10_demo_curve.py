@@ -189,7 +189,7 @@ def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference:
 
 def shades(colormap: str, count: int) -> list[tuple]:
     """`count` colours spread over one matplotlib colormap: one per seed, however many seeds."""
-    return [plt.get_cmap(colormap)(index / max(1, count - 1) * 0.85) for index in range(count)]
+    return [plt.get_cmap(colormap)(index / max(1, count - 1) * 0.75) for index in range(count)]
 
 
 def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, controls: dict[int, list[dict]],
@@ -203,7 +203,7 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
                         label=f"demo ± {TOLERANCE} points")  # fmt: skip
     knn_ax.plot(shown, [reference[e]["knn_top1"] for e in shown], "s--", color="black", label="official demo (V100)")
     loss_ax.plot(shown, [reference[e]["loss"] for e in shown], "s--", color="black", label="official demo")
-    run_colors, control_colors = shades("winter", len(runs)), shades("autumn", len(controls))
+    run_colors, control_colors = shades("viridis", len(runs)), shades("autumn", len(controls))
     for color, (seed, rows) in zip(run_colors, runs.items(), strict=True):
         epochs = [row["epoch"] for row in rows]
         knn_ax.plot(epochs, [row["knn_top1_head"] for row in rows], "o-", color=color,
