@@ -4,7 +4,8 @@ Reads runs of `scripts/reproduce_cifar10.sh` (one per seed: knn_curve.json, metr
 demo's log (`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with
 `--control` the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`, one file per seed);
 writes `results/cifar10_demo_curve-<device>.json` (each run, and their mean at the epochs all reached, against the
-log, and the spread between seeds of ours and of the demo's code) and `.png`, and prints the README's tables.
+log, the spread between seeds of ours and of the demo's code, and the log's criterion applied between every two
+runs) and `.png`, and prints the README's tables.
 
     bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 --seed 1 \
         --output_dir outputs/cifar10-demo-cpu-s1
@@ -163,10 +164,11 @@ def criterion_between_runs(groups: dict[str, dict[int, list[dict]]]) -> dict:
             continue
         differences = {epoch: round(curve_a[epoch] - curve_b[epoch], 2) for epoch in epochs}
         kind = f"{group_a} vs {group_b}"
+        within = within_tolerance(differences)
         compared[kind] += 1
-        passed[kind] += within_tolerance(differences)
+        passed[kind] += within
         pairs.append({"runs": [f"{group_a} seed {seed_a}", f"{group_b} seed {seed_b}"], "difference": differences,
-                      "within_tolerance": within_tolerance(differences)})  # fmt: skip
+                      "within_tolerance": within})  # fmt: skip
     return {
         "tolerance_points": TOLERANCE,
         "pairs_within_tolerance": {kind: {"within": passed[kind], "of": count} for kind, count in compared.items()},
