@@ -190,7 +190,8 @@ def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference:
 
 
 def shades(colormap: str, count: int) -> list[tuple]:
-    """`count` colours spread over one matplotlib colormap: one per seed, however many seeds."""
+    """`count` colours spread over one matplotlib colormap: one per seed, however many seeds. They stop at 3/4 of
+    the map, short of viridis' yellow, which the demo code's autumn colours use."""
     return [plt.get_cmap(colormap)(index / max(1, count - 1) * 0.75) for index in range(count)]
 
 
