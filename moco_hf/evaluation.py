@@ -19,6 +19,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .augmentation import evaluation_transform
 from .command_line import CommandLineParser, as_flags
@@ -114,7 +115,9 @@ def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tupl
     image_column = find_image_column(dataset, args.image_column)
     label_column = find_label_column(dataset, args.label_column)
     transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
-    pairs = labelled_images(dataset, image_column, label_column, limit=limit)
+    pairs = tqdm(labelled_images(dataset, image_column, label_column, limit=limit),
+                 total=min(len(dataset), limit or len(dataset)), desc=f"features of {split!r}", unit="image",
+                 leave=False)  # fmt: skip
     with torch.inference_mode():
         feature_sets, labels = extract_feature_sets(encoder.encode, pairs, transform, batch_size=args.batch_size)
     if not feature_sets:

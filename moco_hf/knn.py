@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import ClassLabel, Dataset, IterableDataset
+from tqdm.auto import tqdm
 
 from .augmentation import evaluation_transform
 from .data import (
@@ -243,8 +244,11 @@ class KnnMonitor:
     def _features(self, model: torch.nn.Module, role: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         accelerator = self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
-        dataset = shard_for_process(as_iterable(self.splits[role], world), rank, world)
-        pairs = labelled_images(dataset, self.image_column, self.label_column, limit=None)
+        split = self.splits[role]
+        dataset = shard_for_process(as_iterable(split, world), rank, world)
+        share = -(-len(split) // world) if isinstance(split, Dataset) else None  # unknown for a stream
+        pairs = tqdm(labelled_images(dataset, self.image_column, self.label_column, limit=None), total=share,
+                     desc=f"kNN {role}", unit="image", leave=False, disable=not accelerator.is_local_main_process)  # fmt: skip
 
         def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
             with accelerator.autocast():

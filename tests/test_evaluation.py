@@ -110,6 +110,7 @@ def test_evaluation_commands_on_real_images(script, exported, random_moco, datas
     assert json.loads((out / f"{script.split('_')[0]}_results.json").read_text())["eval_samples"] == 100
     assert len(list((out / "features").glob("*.safetensors"))) == 3
     assert "Extracted 100 features of split 'test'" in test_run.stderr
+    assert "features of 'test'" in test_run.stderr and "/100 [" in test_run.stderr  # a progress bar while it reads
     assert "of split 'train'" not in test_run.stderr
 
 
@@ -165,7 +166,7 @@ def demo_knn_predict(feature, feature_bank, feature_labels, classes, knn_k, knn_
     return pred_scores.argsort(dim=-1, descending=True)
 
 
-def test_the_knn_monitor_measures_the_head_as_the_demo_and_the_backbone_beside_it(cifar10_dir):
+def test_the_knn_monitor_measures_the_head_as_the_demo_and_the_backbone_beside_it(cifar10_dir, capsys):
     from accelerate import Accelerator
     from datasets import load_dataset
     from torchvision.transforms.v2.functional import normalize, pil_to_tensor
@@ -178,6 +179,8 @@ def test_the_knn_monitor_measures_the_head_as_the_demo_and_the_backbone_beside_i
     monitor = KnnMonitor(splits, Accelerator(cpu=True), 32, config.image_mean, config.image_std, k=20,
                          temperature=0.1, batch_size=128, feature="head")  # fmt: skip
     accuracies = monitor(model)
+    progress = capsys.readouterr().err
+    assert "kNN bank" in progress and "/300 [" in progress and "kNN queries" in progress and "/100 [" in progress
 
     # The demo's test(): its test_transform (ToTensor, Normalize), net = the query encoder, features normalised.
     def features_and_labels(split: str, rows: int, net) -> tuple[torch.Tensor, torch.Tensor]:
