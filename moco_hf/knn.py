@@ -247,8 +247,9 @@ class KnnMonitor:
         split = self.splits[role]
         dataset = shard_for_process(as_iterable(split, world), rank, world)
         share = -(-len(split) // world) if isinstance(split, Dataset) else None  # unknown for a stream
-        pairs = tqdm(labelled_images(dataset, self.image_column, self.label_column, limit=None), total=share,
-                     desc=f"kNN {role}", unit="image", leave=False, disable=not accelerator.is_local_main_process)  # fmt: skip
+        pairs = labelled_images(dataset, self.image_column, self.label_column, limit=None)
+        pairs = tqdm(pairs, total=share, desc=f"kNN {role}", unit="image", leave=False,
+                     disable=not accelerator.is_local_main_process)  # fmt: skip
 
         def encode(images: torch.Tensor) -> dict[str, torch.Tensor]:
             with accelerator.autocast():
