@@ -4,8 +4,8 @@ Reads runs of `scripts/reproduce_cifar10.sh` (one per seed: knn_curve.json, metr
 demo's log (`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with
 `--control` the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`, one file per seed);
 writes `results/cifar10_demo_curve-<device>.json` (each run, and their mean at the epochs all reached, against the
-log, the spread between seeds of ours and of the demo's code, and the log's criterion applied between every two
-runs) and `.png`, and prints the README's tables.
+log, the spread between seeds of ours and of the demo's code, the log's criterion applied between every two runs,
+and how well a run's loss predicts its accuracy) and `.png`, and prints the README's tables.
 
     bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 --seed 1 \
         --output_dir outputs/cifar10-demo-cpu-s1
@@ -151,6 +151,29 @@ def permutation_test(ours: dict[int, list[dict]], theirs: dict[int, list[dict]])
     }
 
 
+def loss_against_knn(runs: list[list[dict]], reference: dict) -> list[dict]:
+    """Does a run's loss tell how far its accuracy has come? At every epoch at least three runs (of either code)
+    reached: Pearson's r between the mean training loss of the epoch and the head kNN after it, across runs, the
+    least-squares line of kNN on loss, and how far the published run's kNN lies from that line at its own loss."""
+    by_epoch: dict[int, list[tuple[float, float]]] = {}
+    for rows in runs:
+        for row in rows:
+            by_epoch.setdefault(row["epoch"], []).append((row["loss"], row["knn_top1_head"]))
+    fits = []
+    for epoch, pairs in sorted(by_epoch.items()):
+        if len(pairs) < 3:
+            continue
+        losses, accuracies = zip(*pairs, strict=True)
+        slope, intercept = statistics.linear_regression(losses, accuracies)
+        logged = reference[epoch]
+        on_line = slope * logged["loss"] + intercept
+        r = statistics.correlation(losses, accuracies)
+        fits.append({"epoch": epoch, "runs": len(pairs), "pearson_r": round(r, 3),
+                     "slope_points_per_loss": round(slope, 2), "intercept": round(intercept, 2),
+                     "log_minus_line": round(logged["knn_top1"] - on_line, 2)})  # fmt: skip
+    return fits
+
+
 def criterion_between_runs(groups: dict[str, dict[int, list[dict]]]) -> dict:
     """The issue's criterion applied between two runs instead of a run and the log: does run A's head kNN stay within
     TOLERANCE of run B's at every epoch from 3 on that both reached? Counted for every pair of runs, within each code
@@ -195,12 +218,38 @@ def shades(colormap: str, count: int) -> list[tuple]:
     return [plt.get_cmap(colormap)(index / max(1, count - 1) * 0.75) for index in range(count)]
 
 
+def plot_loss_against_knn(ax, runs: dict[int, list[dict]], controls: dict[int, list[dict]], colors: list[tuple],
+                          reference: dict, fits: list[dict]) -> None:  # fmt: skip
+    """Every run's (loss, head kNN) at the first epoch the criterion judges, the line fitted across them and the
+    published run's point."""
+    fit = next((fit for fit in fits if fit["epoch"] == 3), None)
+    if fit is None:
+        ax.set_visible(False)
+        return
+    points = [(rows[2], color, marker) for rows, color, marker in zip(
+        [*runs.values(), *controls.values()], colors, ["o"] * len(runs) + ["D"] * len(controls), strict=True)
+        if len(rows) >= 3]  # fmt: skip
+    for row, color, marker in points:
+        ax.plot(row["loss"], row["knn_top1_head"], marker, color=color, markersize=8)
+    losses = [row["loss"] for row, _, _ in points] + [reference[3]["loss"]]
+    span = [min(losses), max(losses)]
+    ax.plot(span, [fit["slope_points_per_loss"] * loss + fit["intercept"] for loss in span], "-", color="gray",
+            label=f"least squares over {fit['runs']} runs (r = {fit['pearson_r']})")  # fmt: skip
+    ax.plot(reference[3]["loss"], reference[3]["knn_top1"], "s", color="black", markersize=9,
+            label=f"official demo: {fit['log_minus_line']:+.2f} points from the line")  # fmt: skip
+    ax.set(title="Epoch 3: kNN against loss, one point per run", xlabel="mean training loss of epoch 3",
+           ylabel="head kNN top-1 after epoch 3 (%)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+
+
 def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, controls: dict[int, list[dict]],
-         output: Path, device: str) -> Path:  # fmt: skip
+         fits: list[dict], output: Path, device: str) -> Path:  # fmt: skip
     """Left: kNN top-1 per epoch, the demo's log with its tolerance band, each of our runs (seed), their mean and
-    the demo's code run here (seed); right: the mean training loss of each epoch."""
+    the demo's code run here (seed); middle: the mean training loss of each epoch; right: kNN against loss across
+    runs at epoch 3, as `loss_against_knn` fits it."""
     shown = range(1, max(row["epoch"] for rows in runs.values() for row in rows) + 1)
-    fig, (knn_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 6.5))
+    fig, (knn_ax, loss_ax, fit_ax) = plt.subplots(1, 3, figsize=(18, 6.5))
     knn_ax.fill_between(shown, [reference[e]["knn_top1"] - TOLERANCE for e in shown],
                         [reference[e]["knn_top1"] + TOLERANCE for e in shown], color="gray", alpha=0.2,
                         label=f"demo ± {TOLERANCE} points")  # fmt: skip
@@ -229,6 +278,7 @@ def plot(runs: dict[int, list[dict]], mean: list[dict], reference: dict, control
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: the curves fill it
+    plot_loss_against_knn(fit_ax, runs, controls, [*run_colors, *control_colors], reference, fits)
     fig.suptitle(f"MoCo CIFAR-10 demo recipe, first epochs of 200: moco-hf on {device} vs the published log")
     return save_figure(fig, output)
 
@@ -312,6 +362,7 @@ def main() -> None:
         "demo_code_here": seed_spread(controls),
         "permutation_test": permutation_test(runs, controls) if controls else None,
         "criterion_between_runs": criterion_between_runs({"ours": runs, "demo code here": controls}),
+        "loss_against_knn": loss_against_knn([*runs.values(), *controls.values()], reference),
     }
     summary = {
         "epochs": mean,
@@ -340,6 +391,7 @@ def main() -> None:
                 "settings": control["settings"],
                 "epochs": controls[seed],
                 "difference_head_vs_demo": differences_from(controls[seed], reference),
+                **({"stopped": control["stopped"]} if "stopped" in control else {}),
             }
             for seed, control in control_runs.items()
         ],
@@ -347,7 +399,7 @@ def main() -> None:
     output = RESULTS / f"cifar10_demo_curve-{args.device_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=1))
-    plot(runs, mean, reference, controls, output.with_suffix(".png"), device)
+    plot(runs, mean, reference, controls, spread["loss_against_knn"], output.with_suffix(".png"), device)
     print(markdown_tables(runs, mean, reference, controls, spread))
     print(f"Wrote {output} and {output.with_suffix('.png')}")
 

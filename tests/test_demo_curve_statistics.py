@@ -1,6 +1,6 @@
 """The between-seed statistics of `benchmarks/cifar10_demo_curve.py`, on hand-computed examples."""
 
-from benchmarks.cifar10_demo_curve import criterion_between_runs, permutation_test, seed_spread
+from benchmarks.cifar10_demo_curve import criterion_between_runs, loss_against_knn, permutation_test, seed_spread
 
 
 def runs(*curves: list[float]) -> dict[int, list[dict]]:
@@ -47,3 +47,21 @@ def test_criterion_between_runs_compares_every_pair_from_epoch_3_where_both_reac
         "ours vs ours": {"within": 0, "of": 1},
         "ours vs demo code": {"within": 2, "of": 2},
     }
+
+
+def test_loss_against_knn_fits_a_line_across_runs_where_three_reached_the_epoch():
+    def run(*epochs: tuple[float, float]) -> list[dict]:
+        return [{"epoch": e, "loss": loss, "knn_top1_head": knn} for e, (loss, knn) in enumerate(epochs, 1)]
+
+    # Epoch 1: losses 1, 2, 3 against accuracies 30, 50, 40: deviations (-1, 0, 1) and (-10, 10, 0): r = 10 / sqrt(2
+    # * 200) = 0.5, slope 10 / 2 = 5, intercept 40 - 5 * 2 = 30; the log (loss 4, 45) lies 45 - 50 = -5 from the line.
+    # Epoch 2: on the line kNN = 65 - 5 loss, r = -1; the log (loss 6, 36) is +1 from it. Epoch 3: two runs, left out.
+    reference = {1: {"loss": 4.0, "knn_top1": 45.0}, 2: {"loss": 6.0, "knn_top1": 36.0}}
+    result = loss_against_knn([run((1.0, 30.0), (7.0, 30.0), (6.0, 1.0)), run((2.0, 50.0), (6.0, 35.0), (5.0, 2.0)),
+                               run((3.0, 40.0), (5.0, 40.0))], reference)  # fmt: skip
+    assert result == [
+        {"epoch": 1, "runs": 3, "pearson_r": 0.5, "slope_points_per_loss": 5.0, "intercept": 30.0,
+         "log_minus_line": -5.0},
+        {"epoch": 2, "runs": 3, "pearson_r": -1.0, "slope_points_per_loss": -5.0, "intercept": 65.0,
+         "log_minus_line": 1.0},
+    ]  # fmt: skip
