@@ -177,8 +177,8 @@ def loss_against_knn(runs: list[list[dict]], reference: dict) -> list[dict]:
 
 def criterion_between_runs(groups: dict[str, dict[int, list[dict]]]) -> dict:
     """The issue's criterion applied between two runs instead of a run and the log: does run A's head kNN stay within
-    TOLERANCE of run B's at every epoch from 3 on that both reached? Counted for every pair of runs, within each code
-    and across them: how often two draws of one recipe pass it against each other."""
+    TOLERANCE of run B's at every epoch from JUDGED_FROM on that both reached? Counted for every pair of runs, within
+    each code and across them: how often two draws of one recipe pass it against each other."""
     curves = [(group, seed, {row["epoch"]: row["knn_top1_head"] for row in rows})
               for group, runs in groups.items() for seed, rows in runs.items()]  # fmt: skip
     pairs, passed, compared = [], Counter(), Counter()
