@@ -110,6 +110,29 @@ def test_the_demo_preset_builds_the_demos_network_and_recipe(cifar_tensor):
     assert (config.image_size, config.image_mean) == (32, [0.4914, 0.4822, 0.4465])
 
 
+def test_the_demo_preset_draws_its_initial_weights_from_the_notebooks_laws():
+    """Each initial tensor (the query encoder's, the queue) has the spread and centre of the notebook's, tensor by
+    tensor: timm's init against torchvision's, the stem's and the head's PyTorch defaults, unit BatchNorm, random
+    unit keys. A tensor's sample deviation lies within a few `1 / sqrt(2 n)` of the law's, so the bound is that."""
+    torch.manual_seed(0)
+    ours = MocoModel(MocoConfig.from_preset("cifar10-demo")).state_dict()
+    demo = demo_state_in_our_names(ModelMoCo().state_dict())
+
+    def drawn(state: dict[str, torch.Tensor]) -> set[str]:
+        return {name for name in state if name.split(".")[0] in ("encoder_q", "queue") and "num_batches" not in name}
+
+    assert drawn(ours) == drawn(demo)
+    for name in sorted(drawn(ours)):
+        ours_tensor, demo_tensor = ours[name].float(), demo[name].float()
+        assert ours_tensor.shape == demo_tensor.shape, name
+        if demo_tensor.std() == 0:  # BatchNorm's ones and zeros, running statistics
+            assert torch.equal(ours_tensor, demo_tensor), name
+            continue
+        tolerance = 8 / math.sqrt(2 * demo_tensor.numel())
+        assert ours_tensor.std() / demo_tensor.std() == pytest.approx(1, abs=tolerance), name
+        assert abs(ours_tensor.mean() - demo_tensor.mean()) < tolerance * demo_tensor.std(), name
+
+
 def test_saves_and_loads_with_auto_model_and_with_remote_code_alone(cifar_tensor, tmp_path):
     model = cifar_model()
     model.save_pretrained(tmp_path / "model")
