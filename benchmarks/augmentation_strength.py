@@ -44,9 +44,10 @@ def embed(model: MocoModel, views: torch.Tensor, chunk: int = 512) -> torch.Tens
     return F.normalize(torch.cat([model.encoder_q(part) for part in views.split(chunk)]), dim=1)
 
 
-def measure(q: torch.Tensor, k: torch.Tensor, temperature: float) -> dict[str, float]:
-    """Positive cosine and in-batch InfoNCE of L2-normalised view embeddings `q`, `k` (N, D)."""
-    cosine, cosine_se = mean_and_se((q * k).sum(dim=1))
+def measure(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor, temperature: float) -> dict[str, float]:
+    """Positive cosine and in-batch InfoNCE of L2-normalised view embeddings `q`, `k` (N, D), whose per-image
+    cosines are `positives` (N,)."""
+    cosine, cosine_se = mean_and_se(positives)
     loss, loss_se = mean_and_se(F.cross_entropy(q @ k.T / temperature, torch.arange(len(q)), reduction="none"))
     return {"positive_cosine": cosine, "positive_cosine_se": cosine_se,
             "in_batch_loss": loss, "in_batch_loss_se": loss_se}  # fmt: skip
@@ -76,11 +77,12 @@ def main() -> None:
         "official demo (torchvision v1, PIL)": demo_v1_views(images, mean, std),
     }
     embeddings = {name: (embed(model, q), embed(model, k)) for name, (q, k) in views.items()}
-    demo_q, demo_k = embeddings["official demo (torchvision v1, PIL)"]
+    positives = {name: (q * k).sum(dim=1) for name, (q, k) in embeddings.items()}
+    demo_positives = positives["official demo (torchvision v1, PIL)"]
     result = {}
     for name, (q, k) in embeddings.items():
-        difference, difference_se = mean_and_se((q * k).sum(dim=1) - (demo_q * demo_k).sum(dim=1))
-        result[name] = measure(q, k, 0.1) | {
+        difference, difference_se = mean_and_se(positives[name] - demo_positives)
+        result[name] = measure(q, k, positives[name], 0.1) | {
             "pixel_std": views[name][0].std().item(),
             "vs_demo": {"positive_cosine_difference": difference, "se": difference_se},
         }
