@@ -10,6 +10,9 @@ and how well a run's loss predicts its accuracy) and `.png`, and prints the READ
     bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 --seed 1 \
         --output_dir outputs/cifar10-demo-cpu-s1
     python benchmarks/cifar10_demo_curve.py --run outputs/cifar10-demo-cpu-s1 --command "bash scripts/..."
+
+`--earlier results/cifar10_demo_curve-cpu.json` keeps the runs of an earlier result file beside new ones: runs
+trained on another machine, whose output folders stayed there.
 """
 
 from __future__ import annotations
@@ -200,14 +203,39 @@ def criterion_between_runs(groups: dict[str, dict[int, list[dict]]]) -> dict:
     }
 
 
-def run_summary(seed: int, rows: list[dict], run: Path, command: str, reference: dict) -> dict:
+def trained_runs(run_dirs: list[Path], commands: list[str], device: str | None) -> list[dict]:
+    """Runs of `reproduce_cifar10.sh` whose output folders are here: seed, folder, command, machine, precision and
+    per-epoch rows. `device` names the machine that trained them (default: this CPU)."""
+    runs = []
+    for run, command in zip(run_dirs, commands, strict=True):
+        config = json.loads((run / "run_config.json").read_text())
+        runs.append({
+            "seed": config["seed"], "output_dir": str(run), "command": command,
+            "device": device or f"{cpu_model()} ({os.cpu_count()} cores), {config['num_processes']} process",
+            "mixed_precision": config["mixed_precision"], "epochs": epoch_rows(run),
+        })  # fmt: skip
+    return runs
+
+
+def earlier_runs(result_file: Path) -> list[dict]:
+    """The runs listed by an earlier result file of this script, for runs trained on another machine (their output
+    folders stay there). Files older than per-run machines name one machine and one precision for all their runs."""
+    earlier = json.loads(result_file.read_text())
+    precisions = earlier["mixed_precision"]
+    precision = precisions[0] if len(precisions) == 1 else None
+    return [
+        {"seed": run["seed"], "output_dir": run["output_dir"], "command": run["command"],
+         "device": run.get("device", earlier["device"]), "mixed_precision": run.get("mixed_precision", precision),
+         "epochs": run["epochs"]}
+        for run in earlier["runs"]
+    ]  # fmt: skip
+
+
+def run_summary(run: dict, reference: dict) -> dict:
     """One run of ours in the result file: where and how it was trained, its epochs and their distance to the log."""
-    differences = differences_from(rows, reference)
+    differences = differences_from(run["epochs"], reference)
     return {
-        "seed": seed,
-        "output_dir": str(run),
-        "command": command,
-        "epochs": rows,
+        **{key: run[key] for key in ("seed", "output_dir", "command", "device", "mixed_precision", "epochs")},
         "difference_head_vs_demo": differences,
         "within_tolerance_from_epoch_3": within_tolerance(differences),
     }
@@ -337,27 +365,33 @@ def markdown_tables(runs: dict[int, list[dict]], mean: list[dict], reference: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, nargs="+", default=[Path("outputs/cifar10-demo-cpu")],
+    parser.add_argument("--run", type=Path, nargs="*", default=[],
                         help="Output directories of reproduce_cifar10.sh runs (one per seed).")  # fmt: skip
-    parser.add_argument("--command", nargs="+", required=True,
+    parser.add_argument("--command", nargs="*", default=[],
                         help="The command(s) that trained each run, as typed: one per --run, in order.")  # fmt: skip
+    parser.add_argument("--earlier", type=Path, default=None,
+                        help="An earlier result file of this script: its runs are kept beside the --run ones (their "
+                             "output folders were on another machine).")  # fmt: skip
     parser.add_argument("--device_name", default="cpu", help="Suffix of the result files (cpu, gpu).")
-    parser.add_argument("--device", default=None, help="The machine that trained the runs (default: this CPU).")
+    parser.add_argument("--device", default=None, help="The machine that trained the --run runs (default: this CPU).")
     parser.add_argument("--control", type=Path, nargs="*", default=[],
                         help="cifar10_demo_notebook.py results: the demo code on this machine and data.")  # fmt: skip
     args = parser.parse_args()
     if len(args.command) != len(args.run):
         parser.error(f"--command needs one command per --run: got {len(args.command)} for {len(args.run)} runs")
+    listed = [*(earlier_runs(args.earlier) if args.earlier else []), *trained_runs(args.run, args.command, args.device)]
+    seeds = [run["seed"] for run in listed]
+    if not listed or len(set(seeds)) != len(seeds):
+        parser.error(f"give each seed once, by --run or --earlier: got seeds {seeds}")
     log = demo_log()
     reference = log["by_epoch"]
-    run_configs = [json.loads((run / "run_config.json").read_text()) for run in args.run]
-    runs = {config["seed"]: epoch_rows(run) for config, run in zip(run_configs, args.run, strict=True)}
+    runs = {run["seed"]: run["epochs"] for run in listed}
     control_files = [json.loads(path.read_text()) for path in args.control]
     control_runs = {int(control["settings"]["seed"]): control for control in control_files}
     controls = {seed: [{k: round(v, 4) for k, v in row.items()} for row in control["epochs"]]
                 for seed, control in control_runs.items()}  # fmt: skip
     mean = mean_rows(list(runs.values()))
-    device = args.device or f"{cpu_model()} ({os.cpu_count()} cores), {run_configs[0]['num_processes']} process"
+    device = "; ".join(dict.fromkeys(run["device"] for run in listed))
     differences = differences_from(mean, reference)
     spread = {
         "ours": seed_spread(runs),
@@ -373,10 +407,7 @@ def main() -> None:
         "within_tolerance_from_epoch_3": within_tolerance(differences),
         "tolerance_points": TOLERANCE,
         "between_seeds": spread,
-        "runs": [
-            run_summary(seed, rows, run, command, reference)
-            for (seed, rows), run, command in zip(runs.items(), args.run, args.command, strict=True)
-        ],
+        "runs": [run_summary(run, reference) for run in listed],
         "reference": {
             "source": log["source"],
             "device": log["device"],
@@ -384,9 +415,9 @@ def main() -> None:
             "epochs": [reference[row["epoch"]] for row in max(runs.values(), key=len)],
             "later": {e: reference[e]["knn_top1"] for e in (20, 50, 100, 200)},
         },
-        "command": args.command,
+        "command": [run["command"] for run in listed],
         "device": device,
-        "mixed_precision": sorted({config["mixed_precision"] for config in run_configs}),
+        "mixed_precision": sorted({str(run["mixed_precision"]) for run in listed}),
         "demo_code_on_this_machine": [
             {
                 "what": "the notebook's own code (cifar10_demo_notebook.py): same data, machine and precision",

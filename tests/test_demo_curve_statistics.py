@@ -1,6 +1,15 @@
 """The between-seed statistics of `benchmarks/cifar10_demo_curve.py`, on hand-computed examples."""
 
-from benchmarks.cifar10_demo_curve import criterion_between_runs, loss_against_knn, permutation_test, seed_spread
+import json
+
+from benchmarks.cifar10_demo_curve import (
+    criterion_between_runs,
+    earlier_runs,
+    loss_against_knn,
+    permutation_test,
+    run_summary,
+    seed_spread,
+)
 
 
 def runs(*curves: list[float]) -> dict[int, list[dict]]:
@@ -65,3 +74,23 @@ def test_loss_against_knn_fits_a_line_across_runs_where_three_reached_the_epoch(
         {"epoch": 2, "runs": 3, "pearson_r": -1.0, "slope_points_per_loss": -5.0, "intercept": 65.0,
          "log_minus_line": 1.0},
     ]  # fmt: skip
+
+
+def test_runs_of_an_earlier_result_file_keep_their_rows_and_name_their_machine(tmp_path):
+    rows = [{"epoch": 1, "knn_top1_head": 33.0, "loss": 6.9}]
+    older = {"device": "Xeon (2 cores), 1 process", "mixed_precision": ["bf16"],  # one machine for all its runs
+             "runs": [{"seed": 4, "output_dir": "outputs/s4", "command": "bash a", "epochs": rows}]}  # fmt: skip
+    newer = {"device": "Xeon; EPYC", "mixed_precision": ["bf16", "no"],
+             "runs": [{"seed": 6, "output_dir": "outputs/s6", "command": "bash b", "epochs": rows,
+                       "device": "EPYC (2 cores), 1 process", "mixed_precision": "no"}]}  # fmt: skip
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    (tmp_path / "newer.json").write_text(json.dumps(newer))
+    (kept,) = earlier_runs(tmp_path / "older.json")
+    assert kept == {"seed": 4, "output_dir": "outputs/s4", "command": "bash a", "device": "Xeon (2 cores), 1 process",
+                    "mixed_precision": "bf16", "epochs": rows}  # fmt: skip
+    (per_run,) = earlier_runs(tmp_path / "newer.json")
+    assert (per_run["device"], per_run["mixed_precision"]) == ("EPYC (2 cores), 1 process", "no")
+    # Written back, a kept run is the same entry, with its distance to the log recomputed: 33.0 - 31.0.
+    summary = run_summary(per_run, {1: {"knn_top1": 31.0}})
+    assert summary["difference_head_vs_demo"] == {1: 2.0}
+    assert {key: summary[key] for key in per_run} == per_run
