@@ -119,8 +119,8 @@ def test_stages_are_chosen_by_index_or_name_and_bad_choices_get_one_line(tmp_pat
 
 
 @pytest.mark.xfail(raises=HFValidationError, strict=True,
-                   reason="transformers 5.24: AutoBackbone.from_pretrained asks the Hub whether a local folder is a "
-                          "repo; MocoBackbone.from_pretrained loads folders, AutoBackbone loads Hub repos "
+                   reason="transformers 5.24 and 5.25: AutoBackbone.from_pretrained asks the Hub whether a local "
+                          "folder is a repo; MocoBackbone.from_pretrained loads folders, AutoBackbone loads Hub repos "
                           "(tests/hub_roundtrip.py)")  # fmt: skip
 def test_auto_backbone_loads_a_local_folder(tmp_path, cifar_tensor):
     folder = saved_model(tmp_path / "model", cifar_tensor, backbone="resnet18")
