@@ -11,8 +11,8 @@ and how well a run's loss predicts its accuracy) and `.png`, and prints the READ
         --output_dir outputs/cifar10-demo-cpu-s1
     python benchmarks/cifar10_demo_curve.py --run outputs/cifar10-demo-cpu-s1 --command "bash scripts/..."
 
-`--earlier results/cifar10_demo_curve-cpu.json` keeps the runs of an earlier result file beside new ones: runs
-trained on another machine, whose output folders stayed there.
+`--earlier benchmarks/results/cifar10_demo_curve-cpu.json` keeps that file's runs beside the new ones (runs trained
+on another machine, whose output folders stayed there); the file is read before it is rewritten.
 """
 
 from __future__ import annotations
