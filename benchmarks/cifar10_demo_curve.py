@@ -420,7 +420,7 @@ def main() -> None:
         "mixed_precision": sorted({str(run["mixed_precision"]) for run in listed}),
         "demo_code_on_this_machine": [
             {
-                "what": "the notebook's own code (cifar10_demo_notebook.py): same data, machine and precision",
+                "what": "the notebook's own code (cifar10_demo_notebook.py): same data and precision as our runs",
                 "settings": control["settings"],
                 "epochs": controls[seed],
                 "difference_head_vs_demo": differences_from(controls[seed], reference),
