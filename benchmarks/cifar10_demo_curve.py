@@ -12,7 +12,8 @@ and how well a run's loss predicts its accuracy) and `.png`, and prints the READ
     python benchmarks/cifar10_demo_curve.py --run outputs/cifar10-demo-cpu-s1 --command "bash scripts/..."
 
 `--earlier benchmarks/results/cifar10_demo_curve-cpu.json` keeps that file's runs beside the new ones (runs trained
-on another machine, whose output folders stayed there); the file is read before it is rewritten.
+on another machine, whose output folders stayed there; a seed given by --run too, continued here, takes the new
+rows); the file is read before it is rewritten.
 """
 
 from __future__ import annotations
@@ -231,6 +232,15 @@ def earlier_runs(result_file: Path) -> list[dict]:
     ]  # fmt: skip
 
 
+def merged_runs(earlier: list[dict], trained: list[dict]) -> list[dict]:
+    """The earlier file's runs, then the new ones; a seed trained again here (a run continued for more epochs)
+    replaces its earlier entry. A seed twice among the new runs is an error."""
+    seeds = [run["seed"] for run in trained]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"each --run must be another seed: got seeds {seeds}")
+    return [run for run in earlier if run["seed"] not in seeds] + trained
+
+
 def run_summary(run: dict, reference: dict) -> dict:
     """One run of ours in the result file: where and how it was trained, its epochs and their distance to the log."""
     differences = differences_from(run["epochs"], reference)
@@ -379,10 +389,13 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.command) != len(args.run):
         parser.error(f"--command needs one command per --run: got {len(args.command)} for {len(args.run)} runs")
-    listed = [*(earlier_runs(args.earlier) if args.earlier else []), *trained_runs(args.run, args.command, args.device)]
-    seeds = [run["seed"] for run in listed]
-    if not listed or len(set(seeds)) != len(seeds):
-        parser.error(f"give each seed once, by --run or --earlier: got seeds {seeds}")
+    try:
+        listed = merged_runs(earlier_runs(args.earlier) if args.earlier else [],
+                             trained_runs(args.run, args.command, args.device))  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
+    if not listed:
+        parser.error("no runs: give --run folders, --earlier a result file, or both")
     log = demo_log()
     reference = log["by_epoch"]
     runs = {run["seed"]: run["epochs"] for run in listed}

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from benchmarks.cifar10_demo_curve import (
     criterion_between_runs,
     earlier_runs,
     loss_against_knn,
+    merged_runs,
     permutation_test,
     run_summary,
     seed_spread,
@@ -94,3 +97,11 @@ def test_runs_of_an_earlier_result_file_keep_their_rows_and_name_their_machine(t
     summary = run_summary(per_run, {1: {"knn_top1": 31.0}})
     assert summary["difference_head_vs_demo"] == {1: 2.0}
     assert {key: summary[key] for key in per_run} == per_run
+
+
+def test_a_seed_trained_again_replaces_its_earlier_entry_and_a_seed_twice_among_new_runs_is_refused():
+    earlier = [{"seed": 0, "epochs": [1]}, {"seed": 6, "epochs": [1, 2, 3]}]
+    continued = {"seed": 6, "epochs": [1, 2, 3, 4, 5]}
+    assert merged_runs(earlier, [continued]) == [{"seed": 0, "epochs": [1]}, continued]
+    with pytest.raises(ValueError, match=r"got seeds \[6, 6\]"):
+        merged_runs(earlier, [continued, continued])
