@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the linter and the whole test suite (249 tests; on 2 CPU cores, alone, from a
-# fresh clone: 9 min 37 s of pytest on an Intel Xeon, 15 min 51 s on an AMD EPYC; -m "not slow", 183 tests:
+# fresh clone: 9 min 37 s of pytest on an Intel Xeon, 10 min 56 s on an AMD EPYC; -m "not slow", 183 tests:
 # 2 min 49 s on the Xeon, 2 min 59 s on the EPYC).
 # Extra arguments go to pytest (e.g. -k modeling, or -m "not slow" for the quick part).
 set -euo pipefail
