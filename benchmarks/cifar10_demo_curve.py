@@ -37,6 +37,7 @@ from moco_hf.plotting import plt, read_metrics, save_figure
 REFERENCE = Path(__file__).resolve().parent / "references" / "moco_cifar10_demo_log.json"
 TOLERANCE = 1.5  # points of kNN top-1 ...
 JUDGED_FROM = 3  # ... at every epoch from this one on (the issue's criterion)
+RUN_FIELDS = ("seed", "output_dir", "command", "device", "mixed_precision", "epochs")  # a run of ours, as listed
 
 
 def cpu_model() -> str:
@@ -223,13 +224,8 @@ def earlier_runs(result_file: Path) -> list[dict]:
     folders stay there). Files older than per-run machines name one machine and one precision for all their runs."""
     earlier = json.loads(result_file.read_text())
     precisions = earlier["mixed_precision"]
-    precision = precisions[0] if len(precisions) == 1 else None
-    return [
-        {"seed": run["seed"], "output_dir": run["output_dir"], "command": run["command"],
-         "device": run.get("device", earlier["device"]), "mixed_precision": run.get("mixed_precision", precision),
-         "epochs": run["epochs"]}
-        for run in earlier["runs"]
-    ]  # fmt: skip
+    file_wide = {"device": earlier["device"], "mixed_precision": precisions[0] if len(precisions) == 1 else None}
+    return [{key: run[key] if key in run else file_wide[key] for key in RUN_FIELDS} for run in earlier["runs"]]
 
 
 def merged_runs(earlier: list[dict], trained: list[dict]) -> list[dict]:
@@ -245,7 +241,7 @@ def run_summary(run: dict, reference: dict) -> dict:
     """One run of ours in the result file: where and how it was trained, its epochs and their distance to the log."""
     differences = differences_from(run["epochs"], reference)
     return {
-        **{key: run[key] for key in ("seed", "output_dir", "command", "device", "mixed_precision", "epochs")},
+        **{key: run[key] for key in RUN_FIELDS},
         "difference_head_vs_demo": differences,
         "within_tolerance_from_epoch_3": within_tolerance(differences),
     }
