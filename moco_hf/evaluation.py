@@ -2,7 +2,8 @@
 
 The library side of `training/knn_eval.py` and `training/linear_eval.py`. The encoder is either a `MocoModel` (its
 query backbone) or an encoder exported in timm's format (`moco-hf export`), from a local folder or the Hub;
-`random_init` gives the same architecture with fresh weights, the baseline a pretraining must beat.
+`random_init` gives the same architecture with fresh weights, the baseline a pretraining must beat, with its BatchNorm
+statistics calibrated on training images first (`moco_hf.batch_norm_calibration`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .augmentation import evaluation_transform
+from .augmentation import build_two_crops, evaluation_transform
+from .batch_norm_calibration import BATCH_NORM_CALIBRATION_IMAGES, calibrate_batch_norm, describe_random_baseline
 from .command_line import CommandLineParser, as_flags
 from .configuration_moco import MocoConfig
 from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
@@ -68,6 +70,8 @@ class Encoder:
     mean: list[float]
     std: list[float]
     description: str
+    module: torch.nn.Module  # what holds the weights (and BatchNorm statistics) that `encode` uses
+    augmentation: str  # the two-crop recipe it was (or would be) pretrained with
 
 
 def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) -> Encoder:
@@ -82,14 +86,41 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
         return Encoder(
             lambda images: moco_features(model, images),
             settings.image_size, list(settings.image_mean), list(settings.image_std),
-            f"{settings.backbone} ({'random init' if random_init else name_or_path})",
+            f"{settings.backbone} ({'random init' if random_init else name_or_path})", model.encoder_q,
+            settings.augmentation,
         )  # fmt: skip
     model = timm.create_model(timm_reference(name_or_path), pretrained=not random_init, num_classes=0).eval()
     data = timm.data.resolve_data_config({}, model=model)
     return Encoder(
         lambda images: {"backbone": model(images)}, data["input_size"][-1], list(data["mean"]), list(data["std"]),
-        f"{source.config['architecture']} ({'random init' if random_init else name_or_path})",
+        f"{source.config['architecture']} ({'random init' if random_init else name_or_path})", model, "v2",
     )  # fmt: skip
+
+
+def calibrate_random_encoder(args: FeatureArguments, encoder: Encoder) -> Encoder:
+    """`encoder` with its BatchNorm statistics calibrated on `BATCH_NORM_CALIBRATION_IMAGES` training images (a
+    seeded sample of `train_split`, augmented as its recipe's query view), and a description that says so."""
+    dataset = load_image_dataset(args.dataset_name or default_dataset_name(), args.train_split, streaming=False,
+                                 config_name=args.dataset_config_name)  # fmt: skip
+    rows = dataset.shuffle(seed=args.seed).select(range(min(len(dataset), BATCH_NORM_CALIBRATION_IMAGES)))
+    view = build_two_crops(encoder.augmentation, encoder.image_size, encoder.mean, encoder.std).transform
+    label_column = find_label_column(rows, args.label_column)
+    pairs = labelled_images(rows, find_image_column(rows, args.image_column), label_column, limit=None)
+    torch.manual_seed(args.seed)  # torchvision's random views draw from the global generator
+
+    def batches() -> Iterator[torch.Tensor]:
+        images = []
+        for image, _ in pairs:
+            images.append(view(image))
+            if len(images) == args.batch_size:
+                yield torch.stack(images)
+                images = []
+        if len(images) > 1:  # BatchNorm cannot take a batch of one in train mode
+            yield torch.stack(images)
+
+    used = calibrate_batch_norm(encoder.module, batches())
+    description = encoder.description.replace("(random init)", f"({describe_random_baseline(used)})")
+    return replace(encoder, description=description)
 
 
 def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +134,7 @@ def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tupl
         "limit": limit,
         "model_files": _fingerprint(args.model_name_or_path),
     }
+    key["batch_norm_calibration_images"] = BATCH_NORM_CALIBRATION_IMAGES if args.random_init else 0
     key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "dataset_config_name",
                                                    "image_column", "label_column", "feature")}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -167,6 +199,8 @@ def evaluation_main(
         args, protocol_args = parser.parse(sys.argv[1:] if argv is None else argv)
         output = prepare_output_dir(Path(args.output_dir))
         encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
+        if args.random_init:
+            encoder = calibrate_random_encoder(args, encoder)
         train = split_features(args, encoder, args.train_split)
         evaluation = split_features(args, encoder, args.eval_split)
     except UsageError as error:

@@ -226,6 +226,8 @@ class KnnMonitor:
         self.label_column = find_label_column(self.splits["bank"], splits.label_column)
         self.num_classes = getattr(self.splits["bank"].features[self.label_column], "num_classes", None)
         self._check_every_query_class_is_in_the_bank()
+        bank = self.splits["bank"]
+        self.k_used = min(k, len(bank)) if isinstance(bank, Dataset) else k  # a stream's, once it has been read
 
     def _check_every_query_class_is_in_the_bank(self) -> None:
         """A query whose class has no image in the bank can never be classified right: a protocol where that happens
@@ -275,7 +277,8 @@ class KnnMonitor:
         queries, query_labels = self._features(model, "queries")
         model.train(was_training)
         num_classes = self.num_classes or int(bank_labels.max()) + 1
-        k, temperature = self.k, self.temperature
+        self.k_used = k = min(self.k, bank_labels.shape[0])
+        temperature = self.temperature
         return {
             name: knn_accuracy(bank[name], bank_labels, queries[name], query_labels, num_classes, k, temperature)
             for name in KNN_FEATURES

@@ -27,6 +27,8 @@ class EvaluationResult:
     dataset: str
     split: str
     value: float  # percent
+    baseline: float | None = None  # the same evaluation of the starting encoder, in percent
+    baseline_encoder: str | None = None  # what that was, e.g. "random init (BatchNorm calibrated on 4096 images)"
 
 
 @dataclass
@@ -45,8 +47,8 @@ class TrainingSummary:
     def save(self, folder: Path) -> None:
         """`training_summary.json`, which travels with the model (Hub uploads, exports): local dataset paths are
         reduced to their folder names, as in the card, so no directory of this machine is published."""
-        shareable = replace(self, dataset=_dataset_label(self.dataset),
-                            results=[replace(r, dataset=_dataset_label(r.dataset)) for r in self.results])  # fmt: skip
+        shareable = replace(self, dataset=shareable_name(self.dataset),
+                            results=[replace(r, dataset=shareable_name(r.dataset)) for r in self.results])  # fmt: skip
         (Path(folder) / self.FILE).write_text(json.dumps(asdict(shareable), indent=2, default=str))
 
     @classmethod
@@ -96,7 +98,7 @@ def render_model_card(
             task_name=result.name,
             # model-index's dataset type is a Hub id; a local folder is named by its folder name instead.
             dataset_type=result.dataset if _is_hub_dataset_id(result.dataset) else "custom",
-            dataset_name=_dataset_label(result.dataset),
+            dataset_name=shareable_name(result.dataset),
             dataset_split=result.split,
             metric_type="accuracy",
             metric_name=result.name,
@@ -148,8 +150,8 @@ def render_model_card(
         image_mean=list(config.image_mean),
         image_std=list(config.image_std),
         contents=contents,
-        results=[replace(result, dataset=_dataset_label(result.dataset)) for result in summary.results],
-        dataset=_dataset_label(summary.dataset),
+        results=[replace(result, dataset=shareable_name(result.dataset)) for result in summary.results],
+        dataset=shareable_name(summary.dataset),
         skipped_images=summary.skipped_images,
         training_time=summary.training_time,
         hardware=summary.hardware,
@@ -157,8 +159,9 @@ def render_model_card(
     )
 
 
-def _dataset_label(name: str | None) -> str | None:
-    """A Hub dataset id as it is; a local path as its folder (or file) name, without this machine's directories."""
+def shareable_name(name: str | None) -> str | None:
+    """A Hub id (dataset or model) as it is; a local path as its folder (or file) name, without this machine's
+    directories."""
     return name if name is None or _is_hub_dataset_id(name) else Path(name).name
 
 

@@ -111,7 +111,8 @@ PRETRAIN = REPO_ROOT / "training" / "pretrain.py"
 # A tiny but real pretraining: ResNet-18 on 32x32 images, 16 per batch, a 64-key queue, a small kNN monitor.
 FAST_TRAINING = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16",
                  "--queue_size", "64", "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20",
-                 "--logging_steps", "1", "--dataloader_num_workers", "2"]  # fmt: skip
+                 "--logging_steps", "1", "--dataloader_num_workers", "2",
+                 "--batch_norm_calibration_images", "64"]  # fmt: skip
 
 
 def expected_skips(dataset_name: str, global_batch: int, steps: int, seed: int = 0) -> int:

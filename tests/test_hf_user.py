@@ -56,6 +56,8 @@ def test_no_test_split_holds_queries_out_of_the_bank_and_hf_arguments_work(train
     )
     assert f"Initialised from the MocoModel {saved_moco}" in result.stderr
     results = json.loads((out / "results.json").read_text())
+    assert results["knn_initial_encoder"] == "initial (loaded from moco)"  # a warm start is not a random init
+    assert "initial (loaded from moco) " in result.stdout
     assert results["knn_split"] == "train, 32 held out (seed 0)" and results["steps"] == 4  # 64 images, 16 a step
     peak = 0.03 * 16 / 256  # the lr each step trained at: warmup over 2 steps, then a cosine over the last 2
     logged = [row["lr"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]

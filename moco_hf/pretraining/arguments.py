@@ -8,7 +8,16 @@ from typing import Any, Literal
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..configuration_moco import LR_SCHEDULES, OPTIMIZERS, PRESET_NAMES, PRESETS, SHUFFLE_BN_MODES, MocoConfig
+from ..batch_norm_calibration import BATCH_NORM_CALIBRATION_IMAGES
+from ..configuration_moco import (
+    AUGMENTATIONS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRESET_NAMES,
+    PRESETS,
+    SHUFFLE_BN_MODES,
+    MocoConfig,
+)
 from ..errors import UsageError, first_line
 from ..knn import KNN_FEATURES
 
@@ -86,6 +95,10 @@ class DataArguments:
                                                                     "ImageNet's)."})  # fmt: skip
     image_std: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel std (preset's, else "
                                                                   "ImageNet's)."})  # fmt: skip
+    augmentation: Literal[AUGMENTATIONS] | None = field(
+        default=None,
+        metadata={**CONFIG, "help": "Two-crop recipe (preset's; cifar10-demo: no blur, crops from 8%)."},
+    )
     dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     augment_on_device: bool = field(
         default=True,
@@ -159,6 +172,11 @@ class TrainArguments:
     eval_every: float | None = field(default=None, metadata={"help": "kNN every N epochs (always at the end)."})
     knn_monitor: bool = field(default=True, metadata={"help": "Measure kNN accuracy during and after training."})
     knn_at_start: bool = field(default=True, metadata={"help": "kNN of the initial (random) encoder first."})
+    batch_norm_calibration_images: int = field(
+        default=BATCH_NORM_CALIBRATION_IMAGES,
+        metadata={"help": "Augmented training images whose train-mode passes calibrate the random initial encoder's "
+                  "BatchNorm statistics before its kNN (a copy: training starts from the model as built)."},
+    )  # fmt: skip
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per kNN forward pass."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile both backbones."})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on GPUs)."})
@@ -180,6 +198,15 @@ class TrainArguments:
 class MocoTrainingArguments(TrainArguments, DataArguments, ModelArguments):
     """Every setting of a pretraining run; field `name` is the command line's `--name`. Model fields left at None
     take the preset's value (`MocoConfig.from_preset`), and the config saved with the model records the result."""
+
+    def __post_init__(self) -> None:
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise UsageError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        if self.batch_norm_calibration_images < 1:
+            raise UsageError(
+                "`batch_norm_calibration_images` must be at least 1 (the random encoder's kNN is "
+                f"measured with calibrated BatchNorm), got {self.batch_norm_calibration_images}."
+            )
 
 
 # Never written to a file, a tracker or a log (as HF_TOKEN from the environment never is).

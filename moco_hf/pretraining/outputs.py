@@ -3,37 +3,77 @@ curves."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..batch_norm_calibration import average_batch_norm_statistics, calibrate_batch_norm, describe_random_baseline
 from ..checkpointing import (
     TrainerState,
     save_checkpoint,
 )
 from ..data import (
     HUB_CIFAR10,
+    close_loader,
 )
 from ..errors import RunError, first_line
 from ..hub_upload import SNAPSHOT_PREFIX
-from ..model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card
+from ..model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card, shareable_name
 from ..plotting import plot_knn_curve, plot_training_curves
+from .data_plan import build_loader, next_batch
 from .run import Run
 
 logger = logging.getLogger("moco_hf.pretrain")
 
 
-def record_knn(run: Run, state: TrainerState) -> float | None:
-    """kNN top-1 now (None with the monitor off), added to the history and the trackers."""
+def record_knn(run: Run, state: TrainerState, model: torch.nn.Module | None = None,
+               encoder: str | None = None) -> float | None:  # fmt: skip
+    """kNN top-1 of `model` (default: the model in training) now (None with the monitor off), added to the history
+    and the trackers; `encoder` names a measured encoder that is not the trained one (the starting point)."""
     if run.knn is None:
         return None
-    accuracies = {f"knn_top1_{feature}": value for feature, value in run.knn(run.moco).items()}
+    accuracies = {f"knn_top1_{feature}": value for feature, value in run.knn(model or run.moco).items()}
     accuracy = accuracies[f"knn_top1_{run.knn.feature}"]
-    state.knn_history.append({"step": state.completed_steps, "knn_top1": accuracy, **accuracies,
-                              "train_seconds": run.training_seconds()})  # fmt: skip
+    state.knn_history.append(
+        {
+            "step": state.completed_steps,
+            "knn_top1": accuracy,
+            **accuracies,
+            "train_seconds": run.training_seconds(),
+            **({"encoder": encoder} if encoder else {}),
+        }
+    )
     run.accelerator.log({"knn_top1": accuracy, **accuracies}, step=state.completed_steps)
     return accuracy
+
+
+def record_initial_knn(run: Run, state: TrainerState) -> float | None:
+    """kNN top-1 of the starting point: a warm start as loaded; a random encoder with its BatchNorm statistics
+    calibrated on the first training images (a copy is: training starts from the model as built, and a random
+    encoder's uncalibrated statistics would credit pretraining with the calibration)."""
+    if run.args.model_name_or_path:
+        return record_knn(run, state, encoder=f"initial (loaded from {shareable_name(run.args.model_name_or_path)})")
+    baseline = copy.deepcopy(run.moco)
+    data = build_loader(run.plan, run.two_crops, run.args, run.accelerator, start_step=0)
+    try:
+
+        def query_views() -> Iterator[torch.Tensor]:
+            while True:
+                yield run.two_crops.on_device(next_batch(data), run.accelerator.device)[0]
+
+        world = run.accelerator.num_processes
+        share = -(-run.args.batch_norm_calibration_images // world)  # each process calibrates on its own images
+        images = calibrate_batch_norm(baseline.encoder_q, query_views(), share, run.accelerator.autocast)
+    finally:
+        close_loader(data)
+    average_batch_norm_statistics(baseline.encoder_q, lambda statistics: run.accelerator.reduce(statistics, "mean"))
+    images *= world
+    return record_knn(run, state, baseline, describe_random_baseline(images))
 
 
 def save_model(run: Run, state: TrainerState, folder: Path) -> None:
@@ -55,9 +95,11 @@ def training_summary(run: Run, state: TrainerState) -> TrainingSummary:
     config, knn = run.config, run.knn
     card_dataset = run.args.dataset_name or HUB_CIFAR10  # the default data is a copy of this Hub dataset
     last = state.knn_history[-1] if state.knn_history else None
+    initial = initial_knn(state)
     results = [
-        EvaluationResult(f"kNN top-1 (k={knn.k}, T={knn.temperature})",
-                         run.args.eval_dataset_name or card_dataset, knn.query_description, last["knn_top1"])
+        EvaluationResult(f"kNN top-1 (k={knn.k_used}, T={knn.temperature})",
+                         run.args.eval_dataset_name or card_dataset, knn.query_description, last["knn_top1"],
+                         initial["knn_top1"] if initial else None, initial["encoder"] if initial else None)
     ] if last and last["step"] > 0 else []  # fmt: skip
     optimizer = (
         f"{config.optimizer.upper()} (momentum {config.sgd_momentum}, weight decay {config.weight_decay})"
@@ -100,9 +142,13 @@ def write_results(run: Run, state: TrainerState, accuracy: float | None, pushed:
     """`results.json`, the kNN curve (JSON and PNG, against epochs) and the training curves. `pushed`: whether the
     model reached the Hub (None without `push_to_hub`)."""
     history, epochs = state.knn_history, state.completed_steps / run.plan.steps_per_epoch
+    initial = initial_knn(state)
     results = {
         "knn_top1": accuracy,
-        "knn_top1_initial": history[0]["knn_top1"] if history and history[0]["step"] == 0 else None,
+        "knn_top1_initial": initial["knn_top1"] if initial else None,
+        "knn_initial_encoder": initial["encoder"] if initial else None,
+        "knn_gain": accuracy - initial["knn_top1"] if initial and accuracy is not None else None,
+        "knn_k": run.knn.k_used if run.knn else None,
         "knn_dataset": run.knn.dataset_name if run.knn else None,
         "knn_split": run.knn.query_description if run.knn else None,
         "knn_feature": run.knn.feature if run.knn else None,
@@ -124,6 +170,14 @@ def write_results(run: Run, state: TrainerState, accuracy: float | None, pushed:
         plot_knn_curve(curve, run.output_dir / "knn_curve.png", f"{run.config.backbone}, {results['knn_split']}")
     plot_training_curves(run.metrics_path, history, run.output_dir / "training_curves.png")
     return results
+
+
+def initial_knn(state: TrainerState) -> dict[str, Any] | None:
+    """The history's point of the starting encoder (with the "encoder" that names it), if it was measured."""
+    history = state.knn_history
+    if not history or history[0]["step"] != 0:
+        return None
+    return {"encoder": "random init (BatchNorm not calibrated)", **history[0]}  # a checkpoint of an older version
 
 
 def finish(run: Run, state: TrainerState) -> dict[str, Any]:
@@ -148,9 +202,11 @@ def finish(run: Run, state: TrainerState) -> dict[str, Any]:
     else:
         initial = results["knn_top1_initial"]
         print(
-            f"kNN top-1 (k={run.knn.k}) on {run.knn.query_description}: "
-            + (f"random init {initial:.2f}% -> " if initial is not None else "")
-            + f"MoCo {accuracy:.2f}% {model}"
+            f"kNN top-1 (k={run.knn.k_used}) on {run.knn.query_description}: "
+            + (f"{results['knn_initial_encoder']} {initial:.2f}% -> " if initial is not None else "")
+            + f"MoCo {accuracy:.2f}%"
+            + (f" ({results['knn_gain']:+.2f})" if initial is not None else "")
+            + f" {model}"
         )
     if run.publisher is not None:
         print(run.publisher.status_line(bool(pushed), model_folder))

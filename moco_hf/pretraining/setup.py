@@ -211,8 +211,6 @@ def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]
     if 0 < config.queue_size < plan.global_batch:
         logger.warning("The queue (K=%d) is smaller than the global batch (%d): each step keeps only the newest %d "
                        "keys as negatives.", config.queue_size, plan.global_batch, config.queue_size)  # fmt: skip
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        raise UsageError(f"`learning_rate` must be > 0, got {args.learning_rate}.")
     learning_rate = args.learning_rate or config.base_learning_rate * plan.global_batch / 256
     optimizer = build_optimizer(model, config, learning_rate)
     scheduler = learning_rate_scheduler(optimizer, config.lr_schedule, plan.total_steps,

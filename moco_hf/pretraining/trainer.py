@@ -13,7 +13,7 @@ from ..errors import TrainingStopped
 from .arguments import MocoTrainingArguments, command_line
 from .data_plan import build_loader
 from .loop import train_loop
-from .outputs import checkpoint, finish, record_knn
+from .outputs import checkpoint, finish, record_initial_knn
 from .run import Run, stop_on_signals
 from .setup import setup, uses_sync_batch_norm
 
@@ -32,7 +32,8 @@ def train(args: MocoTrainingArguments, command: str | None = None) -> dict[str, 
     try:
         with stop_on_signals() as stop:
             if run.knn is not None and args.knn_at_start and state.completed_steps == 0:
-                logger.info("kNN top-1 of the initial (random) encoder: %.2f%%", record_knn(run, state))
+                accuracy = record_initial_knn(run, state)
+                logger.info("kNN top-1 of the %s: %.2f%%", state.knn_history[0]["encoder"], accuracy)
             log_plan(run)
             data = build_loader(run.plan, run.two_crops, args, run.accelerator, state.completed_steps)
             try:

@@ -1,0 +1,178 @@
+"""Which recipe makes the main job learn most in its budget, measured against a fair random baseline (issue 37).
+
+Every kNN figure here is weighted kNN top-1 (k=200, T=0.1) on the L2-normalised backbone features, and every gain is
+taken over the same encoder before training with its BatchNorm statistics calibrated on training images
+(`moco_hf.batch_norm_calibration`): the trainer's own first and last kNN points.
+
+* `search`: each candidate recipe trains on CIFAR-10's training split minus a validation hold-out (its first 5,000
+  rows, shuffled once by the data's packer), and is judged on that hold-out (queries: the 5,000 held-out images;
+  bank: 10,000 of the others). The test images are never looked at. Every candidate gets the same budget in images
+  (two forward/backward passes per image for a symmetric loss count twice).
+* `confirm`: the main job as `scripts/pretrain.sh` runs it (test images), for several seeds, and its control at
+  learning rate 1e-12, whose gain should be ~0.
+* `plot`: the figure of both.
+
+    python -m benchmarks.main_job_recipe search --only base lr_0.06
+    python -m benchmarks.main_job_recipe confirm --seeds 0 1 2
+    python -m benchmarks.main_job_recipe plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .common import RESULTS, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+RESULT_FILE = RESULTS / "main_job_recipe-cpu.json"
+WORK = ROOT / "outputs" / "main_job_recipe"
+VALIDATION_ROWS = 5_000
+
+# The main job before this search (scripts/pretrain.sh at commit fb83fb4), less its step budget and data.
+SEARCH_BASE = {
+    "--preset": "v2", "--backbone": "resnet18", "--image_size": "32", "--cifar_stem": None,
+    "--image_mean": "0.4913 0.4821 0.4465", "--image_std": "0.2452 0.2428 0.2606",
+    "--per_device_train_batch_size": "128", "--learning_rate": "0.03", "--momentum": "0.99", "--queue_size": "1024",
+    "--mixed_precision": "bf16", "--knn_max_train_samples": "10000", "--knn_max_eval_samples": str(VALIDATION_ROWS),
+}  # fmt: skip
+BUDGET_IMAGES = 320 * 128  # ~7 minutes of training on this project's 2-core Xeon at batch 128
+
+# Candidate name -> flags that differ from SEARCH_BASE. One change at a time first, then combinations of winners.
+CANDIDATES: dict[str, dict[str, str | None]] = {
+    "base": {},
+    "lr_0.06": {"--learning_rate": "0.06"},
+    "lr_0.12_warmup": {"--learning_rate": "0.12", "--warmup_ratio": "0.05"},
+    "aug_cifar10_demo": {"--augmentation": "cifar10-demo"},
+    "T_0.1": {"--softmax_temperature": "0.1"},
+    "m_0.9": {"--momentum": "0.9"},
+    "batch_64": {"--per_device_train_batch_size": "64"},
+    "K_4096": {"--queue_size": "4096"},
+    "symmetric": {"--symmetric_loss": "true"},
+    "linear_head": {"--mlp": "false"},
+}
+
+
+def validation_dataset() -> Path:
+    """CIFAR-10's training split as two splits: `test`, its first VALIDATION_ROWS rows (the hold-out), and `train`,
+    the rest. Written once under outputs/."""
+    folder = WORK / "cifar10-validation" / "data"
+    if not folder.is_dir():
+        table = pa.concat_tables(pq.read_table(f) for f in sorted((CIFAR10 / "data").glob("train-*.parquet")))
+        folder.mkdir(parents=True)
+        pq.write_table(table.slice(VALIDATION_ROWS), folder / "train-00000-of-00001.parquet")
+        pq.write_table(table.slice(0, VALIDATION_ROWS), folder / "test-00000-of-00001.parquet")
+    return folder.parent
+
+
+def as_words(flags: dict[str, str | None]) -> list[str]:
+    words: list[str] = []
+    for flag, value in flags.items():
+        words += [flag, *(value.split() if value is not None else [])]
+    return words
+
+
+def steps_for(flags: dict[str, str | None]) -> int:
+    batch = int(flags["--per_device_train_batch_size"])
+    passes = 2 if flags.get("--symmetric_loss") == "true" else 1
+    return BUDGET_IMAGES // (batch * passes)
+
+
+def run(command: list[str], output_dir: Path) -> dict:
+    """Run `command`, then its results.json with the wall time (training, both kNN measurements and saving)."""
+    start = time.perf_counter()
+    with output_dir.with_suffix(".log").open("w") as log:
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=log)
+    results = json.loads((output_dir / "results.json").read_text())
+    return {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        **{
+            key: results[key]
+            for key in (
+                "knn_top1_initial",
+                "knn_top1",
+                "knn_gain",
+                "knn_initial_encoder",
+                "knn_split",
+                "steps",
+                "train_seconds",
+            )
+        },
+    }
+
+
+def load() -> dict:
+    if RESULT_FILE.is_file():
+        return json.loads(RESULT_FILE.read_text())
+    return {"benchmark": "main_job_recipe", "search": {}, "confirm": {}}
+
+
+def save(results: dict) -> None:
+    results["machine"] = machine()
+    RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULT_FILE.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def search(names: list[str], seed: int) -> None:
+    data = validation_dataset()
+    for name in names:
+        flags = {**SEARCH_BASE, **CANDIDATES[name], "--seed": str(seed)}
+        flags["--max_train_steps"] = str(steps_for(flags))
+        output_dir = WORK / f"search-{name}-seed{seed}"
+        command = [sys.executable, "training/pretrain.py", *as_words(flags), "--dataset_name", str(data),
+                   "--output_dir", str(output_dir), "--overwrite_output_dir"]  # fmt: skip
+        measured = run(command, output_dir)
+        results = load()
+        results["search"][f"{name} seed {seed}"] = {"name": name, "seed": seed, "changes": CANDIDATES[name],
+                                                    "flags": as_words(flags), **measured}  # fmt: skip
+        save(results)
+        print(f"{name} seed {seed}: {measured['knn_top1_initial']:.2f} -> {measured['knn_top1']:.2f} "
+              f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+
+
+def confirm(seeds: list[int], control: bool) -> None:
+    runs = [(f"seed {seed}", ["--seed", str(seed)]) for seed in seeds]
+    runs += [("control lr 1e-12 seed 0", ["--learning_rate", "1e-12"])] if control else []
+    for name, extra in runs:
+        output_dir = WORK / ("confirm-" + name.replace(" ", "_"))
+        measured = run(["bash", "scripts/pretrain.sh", *extra, "--output_dir", str(output_dir)], output_dir)
+        results = load()
+        results["confirm"][name] = {"command": f"bash scripts/pretrain.sh {' '.join(extra)}", **measured}
+        save(results)
+        print(f"{name}: {measured['knn_top1_initial']:.2f} -> {measured['knn_top1']:.2f} "
+              f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    stages = parser.add_subparsers(dest="stage", required=True)
+    searching = stages.add_parser("search", help="candidates on the validation hold-out")
+    searching.add_argument("--only", nargs="+", choices=sorted(CANDIDATES), default=list(CANDIDATES))
+    searching.add_argument("--seed", type=int, default=0)
+    confirming = stages.add_parser("confirm", help="the main job on the test images, and its control")
+    confirming.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    confirming.add_argument("--no_control", action="store_true")
+    stages.add_parser("plot", help="the figure of the result file")
+    args = parser.parse_args(argv)
+    if args.stage == "search":
+        search(args.only, args.seed)
+    elif args.stage == "confirm":
+        confirm(args.seeds, not args.no_control)
+    else:
+        plot()
+
+
+def plot() -> None:
+    raise NotImplementedError  # written once results exist
+
+
+if __name__ == "__main__":
+    main()
