@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from .pretraining import main as pretrain
 
-        return pretrain(argv[1:])
+        return pretrain(argv[1:], program="moco-hf train")
     args = build_parser().parse_args(argv)
     from .convert import CheckpointError
 

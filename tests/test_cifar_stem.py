@@ -197,7 +197,7 @@ REPRODUCE = REPO_ROOT / "scripts" / "reproduce_cifar10.sh"
 # The recipe at CPU scale: 200 images (12 steps of 16 per epoch), kNN on a slice each epoch.
 TINY = ["--per_device_train_batch_size", "16", "--learning_rate", "0.06", "--queue_size", "64", "--knn_k", "20",
         "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--dataloader_num_workers", "1",
-        "--logging_steps", "4"]  # fmt: skip
+        "--logging_steps", "4", "--batch_norm_calibration_images", "64"]  # fmt: skip
 
 
 def run_recipe(*args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,7 @@
 """Shuffling BN across 2 real processes (accelerate launch, gloo) against a single-process replay."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,11 +64,16 @@ def test_pretrain_script_with_two_processes(small_dataset, tmp_path):
         "--dataset_name", str(small_dataset), "--max_train_steps", "4", "--logging_steps", "2",
         "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "10",
         "--dataloader_num_workers", "1", "--output_dir", str(out), "--checkpointing_steps", "2",
-        processes=2,
+        "--batch_norm_calibration_images", "32", processes=2,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 processes x 8 images x 1 accumulation = 16 per step" in result.stderr
     assert "shuffle_bn=ddp" in result.stderr
+    results = json.loads((out / "results.json").read_text())
+    # What was typed: the launcher's command line (its flags, the script, the script's flags), read in each rank.
+    assert results["command"].startswith("python -m accelerate.commands.launch --multi_gpu --num_processes 2 ")
+    assert results["command"].endswith("--checkpointing_steps 2 --batch_norm_calibration_images 32")
+    assert results["knn_initial_encoder"] == "random init (BatchNorm calibrated on 32 images)"  # 16 per process
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert sorted(p.name for p in (out / "checkpoints" / "step_4").glob("random_states_*")) == [
         "random_states_0.pkl",

@@ -42,5 +42,5 @@ def test_pretrain_quickstart_notebook(tmp_path):
         "MAX_TRAIN_STEPS": 6, "BATCH_SIZE": 32, "KNN_BANK": 256, "KNN_QUERIES": 64,
         "OUTPUT_DIR": str(tmp_path / "run"),
     })  # fmt: skip
-    assert "kNN top-1: random init" in printed and "after 6 steps" in printed
+    assert "kNN top-1: random init (BatchNorm calibrated on " in printed and "after 6 steps" in printed
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import shutil
 from dataclasses import fields
 
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import moco_hf
+from moco_hf.cli import main as moco_hf_cli
+from moco_hf.pretraining import MocoTrainingArguments
 
 
 def read_jsonl(path):
@@ -159,3 +162,29 @@ def test_the_hub_token_reaches_no_file_and_no_output(small_dataset, tmp_path):
     assert token not in result.stdout + result.stderr
     assert json.loads((out / "run_config.json").read_text())["hub_token"] == "<hidden>"
     assert "--hub_token '<hidden>'" in json.loads((out / "results.json").read_text())["command"]
+
+
+@pytest.mark.parametrize("preset,how", [("v3", "yaml"), ("cifar10-demo", "flags")])
+def test_records_hold_the_settings_as_built_and_the_command_as_typed(small_dataset, tmp_path, preset, how):
+    """run_config.json: every model setting resolved (the preset chose optimizer, shuffle_bn, weight decay...), as
+    the saved config.json holds it; results.json: `moco-hf train` with the flags or the YAML file typed."""
+    out = tmp_path / "run"
+    flags = {"preset": preset, "backbone": "resnet18", "image_size": 32, "per_device_train_batch_size": 8,
+             "queue_size": 64, "dataset_name": str(small_dataset), "output_dir": str(out), "max_train_steps": 1,
+             "knn_monitor": False, "dataloader_num_workers": 0}  # fmt: skip
+    if how == "yaml":
+        (tmp_path / "run.yaml").write_text("".join(f"{name}: {json.dumps(value)}\n" for name, value in flags.items()))
+        argv = [str(tmp_path / "run.yaml")]
+    else:
+        argv = [word for name, value in flags.items() for word in (f"--{name}", str(value).lower()
+                if isinstance(value, bool) else str(value))]  # fmt: skip
+    assert moco_hf_cli(["train", *argv]) == 0
+    run_config = json.loads((out / "run_config.json").read_text())
+    saved = json.loads((out / "model" / "config.json").read_text())
+    config_fields = [f.name for f in fields(MocoTrainingArguments) if f.metadata.get("config_field")]
+    assert {"optimizer", "weight_decay", "shuffle_bn", "momentum", "lr_schedule", "augmentation"} <= set(config_fields)
+    for name in config_fields:
+        expected = saved[name]
+        assert run_config[name] == (list(expected) if isinstance(expected, tuple) else expected), name
+    assert run_config["shuffle_bn"] == {"v3": "none", "cifar10-demo": "split"}[preset]
+    assert json.loads((out / "results.json").read_text())["command"] == shlex.join(["moco-hf", "train", *argv])

@@ -3,6 +3,7 @@ or a YAML/JSON file in, exit status and one-line errors in terms of flags out.""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -22,13 +23,42 @@ def parse_arguments(argv: list[str]) -> MocoTrainingArguments:
     return CommandLineParser(MocoTrainingArguments).parse(argv)[0]
 
 
-def main(argv: list[str] | None = None) -> int:
+def launcher_words() -> list[str] | None:
+    """`accelerate launch [its flags] script [flags]` as typed, when this process was started by it (on Linux, its
+    parent's command line); None otherwise."""
+    try:
+        words = [word.decode(errors="replace") for word in Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+                 .split(b"\0") if word]  # fmt: skip
+    except OSError:
+        return None
+    for index, word in enumerate(words[:-1]):
+        if Path(word).name == "accelerate" and words[index + 1] == "launch":
+            return ["accelerate", *words[index + 1 :]]
+        if word == "-m" and words[index + 1] == "accelerate.commands.launch":
+            return ["python", *words[index:]]
+    return None
+
+
+def typed_command(argv: list[str], program: str | None) -> str:
+    """The command line the user typed, for results.json: `program` (e.g. "moco-hf train") or how Python was
+    started, then `argv`; secrets hidden."""
+    if program is None:
+        launcher = launcher_words()
+        if launcher is not None:
+            return shlex.join(without_secrets(launcher))
+        script = Path(sys.argv[0])
+        program = "python -m moco_hf.pretraining" if script.name == "__main__.py" else f"python {sys.argv[0]}"
+    return shlex.join(without_secrets([*shlex.split(program), *argv]))
+
+
+def main(argv: list[str] | None = None, program: str | None = None) -> int:
     """The command: parse `argv` (default `sys.argv[1:]`), train, and return the exit status: 0, 1 for a run that
     cannot go on, 2 for a usage or data error (one line on stderr each), 3 when the run finished but its model did
-    not reach the Hub (`--push_to_hub`; the last line says what to upload), 128 + signal when stopped by one."""
+    not reach the Hub (`--push_to_hub`; the last line says what to upload), 128 + signal when stopped by one.
+    `program` is what started it (e.g. "moco-hf train"), recorded with `argv` as the run's command."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        results = train(parse_arguments(argv), command=shlex.join(without_secrets([Path(sys.argv[0]).name, *argv])))
+        results = train(parse_arguments(argv), command=typed_command(argv, program))
     except UsageError as error:
         print(f"error: {as_flags(str(error), ARGUMENT_NAMES)}", file=sys.stderr)
         return 2

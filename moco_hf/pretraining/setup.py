@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,11 @@ def start_run(run: Run) -> tuple[Run, TrainerState]:
 
 def write_run_config(run: Run) -> None:
     run_config = recorded_settings(run.args)
+    # Each model setting as built: the flag's value, else the preset's, else the command's default.
+    run_config |= {argument.name: getattr(run.config, argument.name) for argument in fields(run.args)
+                   if argument.metadata.get("config_field")}  # fmt: skip
     run_config |= {
+        "backbone_kwargs": run.config.backbone_kwargs,
         # What the run used, resolved: the launcher's precision, the default data's path, the scaled lr.
         "mixed_precision": run.accelerator.mixed_precision,
         "dataset_name": run.plan.dataset_name,
