@@ -84,8 +84,11 @@ def render_model_card(
     kind: CardKind = "model",
     summary: TrainingSummary | None = None,
     license: str = "apache-2.0",
+    location: str | None = None,
 ) -> ModelCard:
     """The README.md of a pushed `MocoModel` (`kind="model"`) or of its exported encoder (`kind="encoder"`).
+    `location` is where the full model's snippets load it from (default `repo_id`; the local folder when the model
+    was not pushed).
 
     Metadata: license, library (`transformers` for the full model, `timm` for the encoder), the
     `image-feature-extraction` pipeline, tags, datasets, and the evaluation results as `model-index`.
@@ -140,6 +143,7 @@ def render_model_card(
         template_path=str(TEMPLATE),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
+        location=location or repo_id,
         kind=kind,
         cifar_stem=config.cifar_stem,
         summary=f"A `{config.backbone}` image encoder pretrained with MoCo {version} (self-supervised).",

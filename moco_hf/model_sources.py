@@ -63,6 +63,8 @@ def _no_config(folder: Path, accept: tuple[str, ...]) -> str:
     if (folder / "trainer_state.json").is_file():  # Accelerate state; a transformers Trainer checkpoint has both
         return (f"{folder} is a training checkpoint (Accelerate state, no config.json): load the model folder its run "
                 "saved, or resume training from the checkpoint to save one.")  # fmt: skip
+    if (folder / "model" / "config.json").is_file() and (folder / "run_config.json").is_file():
+        return f"{folder} is a training run's folder: its model is {folder / 'model'}."
     found = sorted(path.name for path in folder.iterdir())[:5]
     return f"{folder} has no config.json, so it is not {_wanted(accept)} (save_pretrained); it holds {found}."
 

@@ -119,6 +119,8 @@ def test_help_lists_the_choices_and_documents_every_argument(capsys):
         (["--backbone_kwargs", "{img_size: 32"], "--backbone_kwargs is not valid JSON"),  # was a 26-line traceback
         (["--per_device_train_batch_size", "abc"], "invalid int value: 'abc'"),  # was 60 lines of usage first
         (["--preset", "v9"], "invalid choice: 'v9'"),
+        (["--report_to", "wandb"], "--report_to names wandb, which is not installed here"),  # was exit 0, no log
+        (["--batch_norm_calibration_images", "0"], "--batch_norm_calibration_images must be at least 1"),
     ],
 )
 def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, message):
@@ -165,7 +167,7 @@ def test_the_hub_token_reaches_no_file_and_no_output(small_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("preset,how", [("v3", "yaml"), ("cifar10-demo", "flags")])
-def test_records_hold_the_settings_as_built_and_the_command_as_typed(small_dataset, tmp_path, preset, how):
+def test_records_hold_the_settings_as_built_and_the_command_as_typed(small_dataset, tmp_path, preset, how, capsys):
     """run_config.json: every model setting resolved (the preset chose optimizer, shuffle_bn, weight decay...), as
     the saved config.json holds it; results.json: `moco-hf train` with the flags or the YAML file typed."""
     out = tmp_path / "run"
@@ -188,3 +190,9 @@ def test_records_hold_the_settings_as_built_and_the_command_as_typed(small_datas
         assert run_config[name] == (list(expected) if isinstance(expected, tuple) else expected), name
     assert run_config["shuffle_bn"] == {"v3": "none", "cifar10-demo": "split"}[preset]
     assert json.loads((out / "results.json").read_text())["command"] == shlex.join(["moco-hf", "train", *argv])
+    # Nothing was pushed: the model card's snippets load the run's folder, as written.
+    snippet = f'AutoModel.from_pretrained("{out / "model"}")'
+    assert snippet in (out / "model" / "README.md").read_text()
+    assert isinstance(AutoModel.from_pretrained(str(out / "model")), moco_hf.MocoModel)
+    assert moco_hf_cli(["export", str(out), str(tmp_path / "encoder")]) == 2  # the run's folder, not its model
+    assert f"{out} is a training run's folder: its model is {out / 'model'}." in capsys.readouterr().err

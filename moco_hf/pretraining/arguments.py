@@ -202,6 +202,12 @@ class MocoTrainingArguments(TrainArguments, DataArguments, ModelArguments):
     def __post_init__(self) -> None:
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise UsageError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        missing = [name for name in (trackers(self) or "").split(",") if name not in ("", "all")
+                   and not tracker_installed(name.strip())]  # fmt: skip
+        if missing:
+            raise UsageError(f"`report_to` names {', '.join(missing)}, which is not installed here: `pip install "
+                             f"{' '.join(missing)}` (tensorboard also comes with `pip install 'moco-hf[tracking]'`), "
+                             "or pass `report_to` none.")  # fmt: skip
         if self.batch_norm_calibration_images < 1:
             raise UsageError(
                 "`batch_norm_calibration_images` must be at least 1 (the random encoder's kNN is "
@@ -270,6 +276,14 @@ def build_config(args: MocoTrainingArguments) -> MocoConfig:
         return MocoConfig.from_preset(args.preset, **overrides)
     except ValueError as error:  # the config names the field and what it accepts
         raise UsageError(first_line(error)) from error
+
+
+def tracker_installed(name: str) -> bool:
+    """Whether Accelerate can log to tracker `name` here (an unknown name is left to Accelerate to refuse)."""
+    import accelerate.utils
+
+    available = getattr(accelerate.utils, f"is_{name}_available", None)
+    return available is None or bool(available())
 
 
 def trackers(args: MocoTrainingArguments) -> str | None:
