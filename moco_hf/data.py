@@ -34,6 +34,8 @@ from datasets import (
     Image,
     IterableDataset,
     IterableDatasetDict,
+    ReadInstruction,
+    concatenate_datasets,
     load_dataset,
     load_from_disk,
 )
@@ -87,6 +89,34 @@ def load_image_dataset(
     if split not in splits:
         raise DataError(f"dataset {name!r} has no split {split!r}; its splits are {sorted(splits.keys())}.")
     return splits[split]
+
+
+def select_split(splits: DatasetDict, spec: str, dataset_name: str) -> Dataset:
+    """The rows that `spec` names in `datasets`' split notation: a split (`train`), or a slice of one (`train[:48]`,
+    `train[10%:20%]`, several joined with `+`)."""
+    try:
+        instructions = ReadInstruction.from_spec(spec).to_absolute({name: len(split) for name, split in splits.items()})
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"split {spec!r} of {dataset_name!r}: {first_line(error)} (its splits are "
+                        f"{sorted(splits)}).") from error  # fmt: skip
+    parts = [splits[part.splitname].select(range(part.from_, part.to)) for part in instructions]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def split_base_name(spec: str) -> str:
+    """The split a spec reads: `train` for `train[:48]`."""
+    return spec.split("[", 1)[0].split("+", 1)[0].strip()
+
+
+def hold_out_rows(dataset: Dataset, count: int, label_column: str, seed: int) -> tuple[Dataset, Dataset, bool]:
+    """`dataset` split into the rest and `count` seeded rows held out of it, each class in proportion when the labels
+    are a `ClassLabel` (the first rows of a folder sorted by class would hold out whole classes); True when so."""
+    stratify = label_column if isinstance(dataset.features[label_column], ClassLabel) else None
+    try:
+        parts = dataset.train_test_split(test_size=count, seed=seed, stratify_by_column=stratify)
+    except ValueError:  # a class with a single image cannot be split both ways: a plain seeded sample
+        parts, stratify = dataset.train_test_split(test_size=count, seed=seed), None
+    return parts["train"], parts["test"], stratify is not None
 
 
 def take_rows(dataset: Dataset | IterableDataset, start: int, count: int | None) -> Dataset | IterableDataset:

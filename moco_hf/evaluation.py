@@ -19,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -26,10 +27,19 @@ from .augmentation import build_two_crops, evaluation_transform
 from .batch_norm_calibration import BATCH_NORM_CALIBRATION_IMAGES, calibrate_batch_norm, describe_random_baseline
 from .command_line import CommandLineParser, as_flags
 from .configuration_moco import MocoConfig
-from .data import default_dataset_name, find_image_column, find_label_column, labelled_images, load_image_dataset
+from .data import (
+    default_dataset_name,
+    find_image_column,
+    find_label_column,
+    hold_out_rows,
+    labelled_images,
+    load_image_splits,
+    select_split,
+    split_base_name,
+)
 from .errors import DataError, UsageError
 from .export import timm_reference
-from .knn import KNN_FEATURES, extract_feature_sets, moco_features
+from .knn import HOLD_OUT_SEED, KNN_FEATURES, extract_feature_sets, moco_features
 from .model_sources import MOCO, TIMM_ENCODER, identify_model
 from .modeling_moco import MocoModel
 
@@ -42,8 +52,12 @@ class FeatureArguments:
     random_init: bool = field(default=False, metadata={"help": "Same architecture, random weights (baseline)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Labelled dataset (default: CIFAR-10)."})
     dataset_config_name: str | None = field(default=None)
-    train_split: str = field(default="train")
-    eval_split: str = field(default="test")
+    train_split: str = field(default="train", metadata={"help": "Slices allowed, e.g. train[:5000]."})
+    eval_split: str = field(
+        default="test",
+        metadata={"help": "Without this split (or when it is train_split), a seeded, class-balanced part of the "
+                  "training rows is held out (at most a fifth, and max_eval_samples)."},
+    )  # fmt: skip
     image_column: str | None = field(default=None, metadata={"help": "Auto-detected when unique."})
     label_column: str | None = field(default=None, metadata={"help": "Auto-detected when unique."})
     max_train_samples: int | None = field(default=None)
@@ -56,11 +70,6 @@ class FeatureArguments:
         metadata={"help": "backbone: the pooled features that transfer; head: the projection head's output (a "
                   "MocoModel's only; the official CIFAR demo's kNN).", "choices": KNN_FEATURES},
     )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.train_split == self.eval_split:
-            raise UsageError(f"`train_split` and `eval_split` are both {self.eval_split!r}: every query would find "
-                             "itself among the training features. Choose another `eval_split`.")  # fmt: skip
 
 
 @dataclass
@@ -97,11 +106,9 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
     )  # fmt: skip
 
 
-def calibrate_random_encoder(args: FeatureArguments, encoder: Encoder) -> Encoder:
+def calibrate_random_encoder(args: FeatureArguments, encoder: Encoder, dataset: Dataset) -> Encoder:
     """`encoder` with its BatchNorm statistics calibrated on `BATCH_NORM_CALIBRATION_IMAGES` training images (a
-    seeded sample of `train_split`, augmented as its recipe's query view), and a description that says so."""
-    dataset = load_image_dataset(args.dataset_name or default_dataset_name(), args.train_split, streaming=False,
-                                 config_name=args.dataset_config_name)  # fmt: skip
+    seeded sample of `dataset`, augmented as its recipe's query view), and a description that says so."""
     rows = dataset.shuffle(seed=args.seed).select(range(min(len(dataset), BATCH_NORM_CALIBRATION_IMAGES)))
     view = build_two_crops(encoder.augmentation, encoder.image_size, encoder.mean, encoder.std).transform
     label_column = find_label_column(rows, args.label_column)
@@ -123,44 +130,83 @@ def calibrate_random_encoder(args: FeatureArguments, encoder: Encoder) -> Encode
     return replace(encoder, description=description)
 
 
-def split_features(args: FeatureArguments, encoder: Encoder, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features (N, F) and labels (N,) of `split`, from the cache when these settings made it."""
-    limit = args.max_train_samples if split == args.train_split else args.max_eval_samples
-    dataset_name = args.dataset_name or default_dataset_name()
-    # Everything that changes this split's features, and nothing else (the other split may change freely).
+@dataclass
+class EvaluationRows:
+    """The labelled rows of one side of an evaluation, and how results name them (e.g. "test", "train[:48]",
+    "train, 40 held out (seed 0)")."""
+
+    dataset: Dataset
+    description: str
+
+
+def evaluation_rows(args: FeatureArguments) -> tuple[EvaluationRows, EvaluationRows]:
+    """The training rows (`train_split`, slices allowed) and the evaluation rows: `eval_split` when the dataset has
+    it and it is another split; otherwise a seeded part of the training rows held out of them (each class in
+    proportion when the labels are a `ClassLabel`: at most a fifth, and `max_eval_samples`), as the trainer's kNN
+    monitor holds out its queries."""
+    name = args.dataset_name or default_dataset_name()
+    splits = load_image_splits(name, streaming=False, config_name=args.dataset_config_name)
+    train = select_split(splits, args.train_split, name)
+    if args.eval_split != args.train_split and split_base_name(args.eval_split) in splits:
+        return EvaluationRows(train, args.train_split), EvaluationRows(
+            select_split(splits, args.eval_split, name), args.eval_split
+        )
+    count = min(args.max_eval_samples or len(train) // 5, len(train) // 5)
+    if count < 1:
+        raise DataError(f"{args.train_split!r} of {name!r} has {len(train)} images: too few to hold evaluation "
+                        "images out of it.")  # fmt: skip
+    label_column = find_label_column(train, args.label_column)
+    rest, held_out, stratified = hold_out_rows(train, count, label_column, HOLD_OUT_SEED)
+    description = f"{args.train_split}, {count} held out (seed {HOLD_OUT_SEED})"
+    logger.warning(
+        "%s: evaluating on %d images of %r held out of the training images (a seeded sample%s); the classifier "
+        "sees the other %d.", f"Dataset {name} has no split {args.eval_split!r}" if args.eval_split != args.train_split
+        else "The evaluation split is the training split", count, args.train_split,
+        ", each class in proportion" if stratified else "", len(rest),
+    )  # fmt: skip
+    return EvaluationRows(rest, f"{args.train_split} less the held-out images"), EvaluationRows(held_out, description)
+
+
+def split_features(
+    args: FeatureArguments, encoder: Encoder, rows: EvaluationRows, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features (N, F) and labels (N,) of the first `limit` decodable `rows`, from the cache when
+    these settings made it."""
+    # Everything that changes these features, and nothing else (the other side may change freely).
     key = {
-        "dataset_name": dataset_name,
-        "split": split,
+        "rows": rows.dataset._fingerprint,  # `datasets`' hash of the data files and of every select/split made
         "limit": limit,
         "model_files": _fingerprint(args.model_name_or_path),
+        "batch_norm_calibration_images": BATCH_NORM_CALIBRATION_IMAGES if args.random_init else 0,
     }
-    key["batch_norm_calibration_images"] = BATCH_NORM_CALIBRATION_IMAGES if args.random_init else 0
-    key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "dataset_config_name",
-                                                   "image_column", "label_column", "feature")}  # fmt: skip
+    key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "image_column",
+                                                   "label_column", "feature")}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    cache = Path(args.output_dir) / "features" / f"{split}-{digest}.safetensors"
+    cache = Path(args.output_dir) / "features" / f"{split_base_name(rows.description)}-{digest}.safetensors"
     if cache.is_file():
         cached = load_file(cache)
         return cached["features"], cached["labels"]
 
-    dataset = load_image_dataset(dataset_name, split, streaming=False, config_name=args.dataset_config_name)
+    dataset = rows.dataset
     image_column = find_image_column(dataset, args.image_column)
     label_column = find_label_column(dataset, args.label_column)
     transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
     pairs = tqdm(labelled_images(dataset, image_column, label_column, limit=limit),
-                 total=min(len(dataset), limit or len(dataset)), desc=f"features of {split!r}", unit="image",
-                 leave=False)  # fmt: skip
+                 total=min(len(dataset), limit or len(dataset)), desc=f"features of {rows.description!r}",
+                 unit="image", leave=False)  # fmt: skip
     with torch.inference_mode():
         feature_sets, labels = extract_feature_sets(encoder.encode, pairs, transform, batch_size=args.batch_size)
     if not feature_sets:
-        raise DataError(f"split {split!r} of {dataset_name} has no decodable images.")
+        raise DataError(f"{rows.description!r} of {args.dataset_name or default_dataset_name()} has no decodable "
+                        "images.")  # fmt: skip
     if args.feature not in feature_sets:
         raise UsageError(f"{encoder.description} has no {args.feature!r} features (only {sorted(feature_sets)}): an "
                          "exported encoder keeps the backbone alone.")  # fmt: skip
     features = feature_sets[args.feature]
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({"features": features.contiguous(), "labels": labels}, cache)
-    logger.info("Extracted %d features of split %r with %s.", features.shape[0], split, encoder.description)
+    logger.info("Extracted %d features of split %r with %s.", features.shape[0], rows.description,
+                encoder.description)  # fmt: skip
     return features, labels
 
 
@@ -198,11 +244,12 @@ def evaluation_main(
         parser = CommandLineParser((FeatureArguments, protocol_arguments))
         args, protocol_args = parser.parse(sys.argv[1:] if argv is None else argv)
         output = prepare_output_dir(Path(args.output_dir))
+        train_rows, eval_rows = evaluation_rows(args)
         encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
         if args.random_init:
-            encoder = calibrate_random_encoder(args, encoder)
-        train = split_features(args, encoder, args.train_split)
-        evaluation = split_features(args, encoder, args.eval_split)
+            encoder = calibrate_random_encoder(args, encoder, train_rows.dataset)
+        train = split_features(args, encoder, train_rows, args.max_train_samples)
+        evaluation = split_features(args, encoder, eval_rows, args.max_eval_samples)
     except UsageError as error:
         print(f"error: {as_flags(str(error), names)}", file=sys.stderr)
         return 2
@@ -215,9 +262,11 @@ def evaluation_main(
         **metrics,
         "train_samples": train[0].shape[0],
         "eval_samples": evaluation[0].shape[0],
+        "train_rows": train_rows.description,
+        "eval_rows": eval_rows.description,
         "settings": {**asdict(args), **asdict(protocol_args)},
     }
     (output / f"{name}_results.json").write_text(json.dumps(results, indent=2))
     scores = ", ".join(f"{metric} {value:.2f}%" for metric, value in metrics.items())
-    print(f"{scores} on {args.eval_split} ({evaluation[0].shape[0]} images) for {encoder.description}")
+    print(f"{scores} on {eval_rows.description} ({evaluation[0].shape[0]} images) for {encoder.description}")
     return 0

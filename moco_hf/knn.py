@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from datasets import ClassLabel, Dataset, IterableDataset
+from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .augmentation import evaluation_transform
@@ -19,6 +19,7 @@ from .data import (
     as_iterable,
     find_image_column,
     find_label_column,
+    hold_out_rows,
     labelled_images,
     load_image_splits,
     shard_for_process,
@@ -180,18 +181,14 @@ def hold_out_queries(bank: Dataset, splits: KnnSplits) -> tuple[dict[str, Datase
         raise DataError(f"split {splits.bank_split!r} of {splits.dataset_name!r} has {len(bank)} images: too few to "
                         "hold kNN queries out of the bank.")  # fmt: skip
     label_column = find_label_column(bank, splits.label_column)
-    stratify = label_column if isinstance(bank.features[label_column], ClassLabel) else None
-    try:
-        parts = bank.train_test_split(test_size=held_out, seed=HOLD_OUT_SEED, stratify_by_column=stratify)
-    except ValueError:  # a class with a single image cannot be split both ways: a plain seeded sample
-        parts = bank.train_test_split(test_size=held_out, seed=HOLD_OUT_SEED)
+    rest, queries, stratified = hold_out_rows(bank, held_out, label_column, HOLD_OUT_SEED)
     description = f"{splits.bank_split}, {held_out} held out (seed {HOLD_OUT_SEED})"
     logger.warning(
         "Dataset %s has no split %r: the kNN queries are %d images of %r held out of the bank (a seeded sample%s).",
         splits.dataset_name, splits.query_split, held_out, splits.bank_split,
-        ", each class in proportion" if stratify else "",
+        ", each class in proportion" if stratified else "",
     )  # fmt: skip
-    return {"bank": take_rows(parts["train"], 0, splits.max_bank_samples), "queries": parts["test"]}, description
+    return {"bank": take_rows(rest, 0, splits.max_bank_samples), "queries": queries}, description
 
 
 class KnnMonitor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.batch_norm_calibration import calibrate_batch_norm
-from moco_hf.evaluation import FeatureArguments, calibrate_random_encoder, load_encoder
+from moco_hf.evaluation import FeatureArguments, calibrate_random_encoder, evaluation_rows, load_encoder
 from moco_hf.modeling_moco import SplitBatchNorm2d, convert_to_split_batch_norm
 
 
@@ -94,7 +94,9 @@ def random_moco(tmp_path_factory):
 def test_random_init_evaluation_calibrates_batch_norm_on_training_images(random_moco, small_dataset, tmp_path):
     args = FeatureArguments(model_name_or_path=str(random_moco), random_init=True, dataset_name=str(small_dataset),
                             batch_size=32, output_dir=str(tmp_path))  # fmt: skip
-    encoder = calibrate_random_encoder(args, load_encoder(args.model_name_or_path, random_init=True, seed=0))
+    train_rows, _ = evaluation_rows(args)
+    encoder = load_encoder(args.model_name_or_path, random_init=True, seed=0)
+    encoder = calibrate_random_encoder(args, encoder, train_rows.dataset)
     assert encoder.description == "resnet18 (random init (BatchNorm calibrated on 199 images))"  # one undecodable
     for layer in encoder.module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):

@@ -114,10 +114,51 @@ def test_evaluation_commands_on_real_images(script, exported, random_moco, datas
     assert "of split 'train'" not in test_run.stderr
 
 
+@pytest.fixture(scope="module")
+def train_only(small_dataset, tmp_path_factory):
+    """small_dataset's training shards alone: a folder with no test split, as users' folders often are."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("train_only") / "data"
+    root.mkdir()
+    for shard in (small_dataset / "data").glob("train-*.parquet"):
+        shutil.copy(shard, root / shard.name)
+    return root.parent
+
+
+@pytest.mark.parametrize("script", ["knn_eval", "linear_eval"])
+@pytest.mark.parametrize("train_split,held_out", [("train", 40), ("train[:100]", 20)])
+def test_evaluation_holds_out_part_of_the_training_images_without_a_test_split(
+    script, train_split, held_out, random_moco, train_only, tmp_path
+):
+    out = tmp_path / "eval"
+    args = [
+        "--model_name_or_path",
+        str(random_moco),
+        "--dataset_name",
+        str(train_only),
+        "--output_dir",
+        str(out),
+        "--train_split",
+        train_split,
+        *(["--knn_k", "20"] if script == "knn_eval" else ["--epochs", "5"]),
+    ]
+    result = run_in_process(REPO_ROOT / "training" / f"{script}.py", *args)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = f"{train_split}, {held_out} held out (seed 0)"
+    assert f"has no split 'test': evaluating on {held_out} images of {train_split!r} held out" in result.stderr
+    assert "each class in proportion" in result.stderr and f"on {rows} (" in result.stdout
+    results = json.loads((out / f"{script.split('_')[0]}_results.json").read_text())
+    assert results["eval_rows"] == rows and results["train_rows"] == f"{train_split} less the held-out images"
+    total = 199 if train_split == "train" else 99  # row 17 is the corrupt image
+    assert results["train_samples"] + results["eval_samples"] == total
+    assert results["eval_samples"] in (held_out, held_out - 1)
+
+
 @pytest.mark.parametrize(
     "script, extra, message",
     [
-        ("knn_eval", ["--eval_split", "train"], "--train_split and --eval_split are both 'train'"),
+        ("knn_eval", ["--train_split", "train[:abc]"], "split 'train[:abc]' of"),
         ("knn_eval", ["--knn_k", "0"], "--knn_k must be at least 1, got 0"),
         ("linear_eval", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
         ("knn_eval", ["--no_such_flag", "1"], "--no_such_flag"),
