@@ -54,8 +54,10 @@ def convert(args: argparse.Namespace) -> None:
         model = MocoModel.from_pretrained(args.source)
         torch.save(moco_to_official(model), args.output)
     else:
-        model = official_to_moco(load_torch_checkpoint(args.source), backbone=args.backbone)
+        model = official_to_moco(load_torch_checkpoint(args.source), args.backbone, args.image_size)
         model.save_pretrained(args.output)
+        print(f"{model.config.backbone}, image size {model.config.image_size} (from "
+              f"{'--image_size' if args.image_size else 'the checkpoint, else the official 224'}).")  # fmt: skip
     print(f"Converted {args.source} -> {args.output} ({args.to} layout)")
 
 
@@ -80,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("source", help="Official checkpoint (.pth.tar), or a MocoModel with --to official.")
     convert_parser.add_argument("output", type=Path, help="MocoModel folder, or .pth.tar with --to official.")
     convert_parser.add_argument("--to", choices=("moco_hf", "official"), default="moco_hf")
-    convert_parser.add_argument("--backbone", default="resnet50", help="timm name of the official torchvision arch.")
+    convert_parser.add_argument("--backbone", help="timm name of the official torchvision arch (default: the "
+                                "checkpoint's `arch`, else resnet50).")  # fmt: skip
+    convert_parser.add_argument("--image_size", type=int, help="Input size (default: the checkpoint's, else 224).")
     convert_parser.set_defaults(run=convert)
     return parser
 

@@ -38,9 +38,17 @@ def load_torch_checkpoint(path: str | Path) -> dict:
         ) from error
 
 
-def official_to_moco(checkpoint: dict, backbone: str = "resnet50", **config_overrides) -> MocoModel:
-    """A `MocoModel` on the timm `backbone` holding an official checkpoint's encoders (and queue): MoCo v1/v2
-    (facebookresearch/moco) or MoCo v3 with a ResNet (facebookresearch/moco-v3)."""
+OFFICIAL_IMAGE_SIZE = 224  # the official code's ImageNet crop, for a checkpoint that does not record another
+
+
+def official_to_moco(
+    checkpoint: dict, backbone: str | None = None, image_size: int | None = None, **config_overrides
+) -> MocoModel:
+    """A `MocoModel` on the timm `backbone` (default: the checkpoint's `arch`, else resnet50) holding an official
+    checkpoint's encoders (and queue): MoCo v1/v2 (facebookresearch/moco) or MoCo v3 with a ResNet
+    (facebookresearch/moco-v3). `image_size`: default the checkpoint's (`moco_to_official` records it), else 224."""
+    backbone = backbone or checkpoint.get("arch") or "resnet50"
+    config_overrides["image_size"] = image_size or checkpoint.get("image_size") or OFFICIAL_IMAGE_SIZE
     state = checkpoint.get("state_dict", checkpoint)
     state = {key.removeprefix("module."): value for key, value in state.items()}
     if any(key.startswith("base_encoder.") for key in state):
@@ -119,6 +127,15 @@ def _official_v3_to_moco(state: dict, backbone: str, **config_overrides) -> Moco
 
 def _load(config: MocoConfig, state: dict, backbone: str) -> MocoModel:
     model = MocoModel(config)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"the checkpoint does not fit timm's {backbone!r}: {name} is {tuple(tensor.shape)} in the checkpoint "
+                f"but {tuple(expected[name].shape)} in {backbone!r} (first of "
+                f"{sum(n in expected and expected[n].shape != t.shape for n, t in state.items())} mismatches); pass "
+                "the checkpoint's architecture as `--backbone`."
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -147,4 +164,5 @@ def moco_to_official(model: MocoModel) -> dict:
             state[f"module.{names[part]}.{f'{head}.{rest}' if layer == 'head' else rest}"] = value
         elif part == "predictor":
             state[f"module.{key}"] = value
-    return {"arch": model.config.backbone, "state_dict": state}
+    # `image_size` is ours (the official code reads `arch` and `state_dict` only): a round trip keeps the input size.
+    return {"arch": model.config.backbone, "image_size": model.config.image_size, "state_dict": state}

@@ -272,6 +272,36 @@ def test_convert_official_checkpoint_gives_torchvision_features(tmp_path, cifar_
         torch.testing.assert_close(back[key], value, atol=0, rtol=0, msg=key)
 
 
+def test_convert_reads_the_architecture_and_input_size_a_checkpoint_records(tmp_path, capsys):
+    """A ResNet-18 checkpoint of the official layout converts without --backbone; official -> moco-hf -> official ->
+    moco-hf keeps every tensor and the input size; a wrong --backbone is one line naming the first mismatch."""
+    reference = torchvision.models.resnet18()
+    reference.fc = torch.nn.Linear(512, 128)
+    state = {f"module.{encoder}.{key}": value.clone() for encoder in ("encoder_q", "encoder_k")
+             for key, value in reference.state_dict().items()}  # fmt: skip
+    state |= {"module.queue": torch.nn.functional.normalize(torch.randn(128, 64), dim=0),
+              "module.queue_ptr": torch.tensor([0])}  # fmt: skip
+    torch.save({"arch": "resnet18", "epoch": 1, "state_dict": state}, tmp_path / "r18.pth.tar")
+    assert moco_hf_cli(["convert", str(tmp_path / "r18.pth.tar"), str(tmp_path / "a")]) == 0
+    assert "resnet18, image size 224 (from the checkpoint, else the official 224)." in capsys.readouterr().out
+    first = MocoModel.from_pretrained(tmp_path / "a")
+    assert first.config.backbone == "resnet18" and first.config.image_size == 224
+    first.config.image_size = 32  # as if it had been pretrained on 32-pixel images
+    first.save_pretrained(tmp_path / "a32")
+    assert moco_hf_cli(["convert", str(tmp_path / "a32"), str(tmp_path / "back.pth.tar"), "--to", "official"]) == 0
+    assert moco_hf_cli(["convert", str(tmp_path / "back.pth.tar"), str(tmp_path / "b")]) == 0
+    second = MocoModel.from_pretrained(tmp_path / "b")
+    assert second.config.backbone == "resnet18" and second.config.image_size == 32
+    assert first.state_dict().keys() == second.state_dict().keys()
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    capsys.readouterr()
+    assert moco_hf_cli(["convert", str(tmp_path / "r18.pth.tar"), str(tmp_path / "c"), "--backbone", "resnet50"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "error: the checkpoint does not fit timm's 'resnet50': " in error
+    assert "mismatches); pass the checkpoint's architecture as `--backbone`" in error and "Traceback" not in error
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
