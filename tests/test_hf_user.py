@@ -2,6 +2,7 @@
 never write random weights, warm starts, the arguments HF users expect, and `transformers.Trainer`."""
 
 import json
+import logging
 import re
 import shutil
 
@@ -11,6 +12,7 @@ from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
 from datasets import load_dataset
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModel, TrainerCallback, pipeline
+from transformers.utils import logging as hf_logging
 
 from moco_hf import MocoConfig, MocoModel, export_encoder
 from moco_hf.augmentation import evaluation_transform
@@ -123,7 +125,7 @@ def test_the_pipeline_and_image_processor_load_the_full_model(trained_run, cifar
     torch.testing.assert_close(features, expected, atol=1e-4, rtol=0)
 
 
-def test_the_pipeline_loads_a_folder_written_by_save_pretrained(cifar_images, tmp_path):
+def test_the_pipeline_loads_a_folder_written_by_save_pretrained(cifar_images, tmp_path, caplog):
     config = MocoConfig.from_preset("cifar10-demo", queue_size=64)
     model = MocoModel(config).eval()
     model.save_pretrained(tmp_path / "model")  # no trainer: the folder alone must serve the pipeline
@@ -131,7 +133,15 @@ def test_the_pipeline_loads_a_folder_written_by_save_pretrained(cifar_images, tm
     transform = evaluation_transform(32, config.image_mean, config.image_std)
     with torch.no_grad():
         expected = model.get_image_features(torch.stack([transform(im) for im in images])).pooler_output
-    extractor = pipeline("image-feature-extraction", model=str(tmp_path / "model"), pool=True)
+    hf_logging.warning_once.cache_clear()  # a warning given earlier in the session must be given again here
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert type(AutoImageProcessor.from_pretrained(tmp_path / "model")).__name__ == "BitImageProcessor"
+            extractor = pipeline("image-feature-extraction", model=str(tmp_path / "model"), pool=True)
+    finally:
+        hf_logging.disable_propagation()
+    assert "backend" not in caplog.text  # e.g. "Requested torchvision backend is not available" where it is
     features = torch.tensor(extractor(images)).reshape(len(images), -1)
     torch.testing.assert_close(features, expected, atol=1e-4, rtol=0)
 
