@@ -217,7 +217,7 @@ def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:
     for name in (("global_batch_size",) if global_order else BATCH_LAYOUT) + MUST_MATCH:  # the cause before the lr
         if name in saved and saved[name] != current.get(name):
             raise UsageError(
-                f"{name} is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "
+                f"`{name}` is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "
                 f"{resume_advice(name, saved)}"
             )
     layout = {name: (saved.get(name), current.get(name)) for name in BATCH_LAYOUT}
@@ -280,7 +280,7 @@ def clear_or_refuse_previous_run(output_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    logger.warning("Removed the previous run's checkpoints, model and metrics from %s (overwrite_output_dir).",
+    logger.warning("Removed the previous run's checkpoints, model and metrics from %s (`overwrite_output_dir`).",
                    output_dir)  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .command_line import as_flags
 from .errors import UsageError
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (CheckpointError, UsageError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {as_flags(str(error), vars(args))}", file=sys.stderr)
         return 2
     return 0
 

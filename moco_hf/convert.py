@@ -134,7 +134,7 @@ def _load(config: MocoConfig, state: dict, backbone: str) -> MocoModel:
                 f"the checkpoint does not fit timm's {backbone!r}: {name} is {tuple(tensor.shape)} in the checkpoint "
                 f"but {tuple(expected[name].shape)} in {backbone!r} (first of "
                 f"{sum(n in expected and expected[n].shape != t.shape for n, t in state.items())} mismatches); pass "
-                "the checkpoint's architecture as `--backbone`."
+                "the checkpoint's architecture as `backbone`."
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

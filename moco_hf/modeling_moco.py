@@ -162,7 +162,7 @@ def batch_norm_groups(batch_size: int, num_splits: int) -> int:
     groups = next((g for g in range(min(num_splits, batch_size // 2), 1, -1) if batch_size % g == 0), 1)
     if groups != num_splits:
         logger.warning_once(
-            f"A batch of {batch_size} images does not split into num_splits={num_splits} BatchNorm groups of 2 or "
+            f"A batch of {batch_size} images does not split into `num_splits` {num_splits} BatchNorm groups of 2 or "
             f"more; using {groups} group{'s' if groups > 1 else ''}."
         )
     return groups
@@ -329,7 +329,7 @@ class MocoModel(MocoPreTrainedModel):
         if "queue" in info["missing_keys"] and model.config.queue_size > 0:
             logger.warning(  # said out loud: a fresh dictionary changes what the next steps compare against
                 f"The weights in {pretrained_model_name_or_path} have no `queue`: a fresh random queue of "
-                f"{model.config.queue_size} keys was made (config.json's queue_size)."
+                f"{model.config.queue_size} keys was made (the queue size its config.json states)."
             )
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
         return (model, info) if wants_info else model

@@ -299,7 +299,7 @@ def test_convert_reads_the_architecture_and_input_size_a_checkpoint_records(tmp_
     assert moco_hf_cli(["convert", str(tmp_path / "r18.pth.tar"), str(tmp_path / "c"), "--backbone", "resnet50"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "error: the checkpoint does not fit timm's 'resnet50': " in error
-    assert "mismatches); pass the checkpoint's architecture as `--backbone`" in error and "Traceback" not in error
+    assert "mismatches); pass the checkpoint's architecture as --backbone." in error and "Traceback" not in error
 
 
 class RunsCode:

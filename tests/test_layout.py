@@ -115,3 +115,39 @@ def test_each_recipe_setting_has_one_home():
              "softmax_temperature": 0.3, "cifar_stem": True, "num_splits": 4}  # fmt: skip
     config = build_config(MocoTrainingArguments(**given))
     assert {name: getattr(config, name) for name in given} == given
+
+
+MESSAGE_CALLS = {"debug", "info", "warning", "warning_once", "error", "UsageError", "DataError", "RunError",
+                 "CheckpointError"}  # fmt: skip
+
+
+def test_messages_name_settings_in_backticks_so_the_command_line_shows_them_as_flags():
+    """Every message the library can log or raise names a setting as `name`: the command turns each into --name
+    (`as_flags`), in errors and log lines alike. A bare snake_case name would reach the user as a field name."""
+    from dataclasses import fields
+
+    from moco_hf.command_line import as_flags
+    from moco_hf.pretraining import MocoTrainingArguments
+
+    names = sorted(argument.name for argument in fields(MocoTrainingArguments) if "_" in argument.name)
+    bare = re.compile(r"(?<![`\-\w<])(" + "|".join(names) + r")(?![`\w>])")
+    found = []
+    for path in python_files(LIBRARY):
+        for call in ast.walk(ast.parse(path.read_text())):
+            function = getattr(call, "func", None)
+            if getattr(function, "attr", getattr(function, "id", None)) not in MESSAGE_CALLS:
+                continue
+            for node in ast.walk(call):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and bare.search(node.value):
+                    found.append(f"{path.relative_to(REPO_ROOT)}:{call.lineno}: {node.value[:80]!r}")
+    assert not found, "\n".join(found)
+    assert as_flags("pass `knn_monitor` false", names) == "pass --knn_monitor false"  # what the command shows
+
+
+def test_the_command_logs_settings_as_flags(small_dataset, tmp_path):
+    from conftest import FAST_TRAINING, run_pretrain
+
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(tmp_path / "run"),
+                          "--max_train_steps", "1", "--knn_at_start", "false", "--queue_size", "8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--shuffle_bn=split" in result.stderr and "`shuffle_bn`" not in result.stderr

@@ -532,7 +532,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
     "changed, message",
     [
         (["--learning_rate", "0.5"], "learning_rate is 0.5 but checkpoint step_4 was trained with 0.001875"),
-        (["--per_device_train_batch_size", "8"], "global_batch_size is 8 but checkpoint step_4 was trained with 16"),
+        (["--per_device_train_batch_size", "8"], "`global_batch_size` is 8 but checkpoint step_4 was trained with 16"),
         (["--queue_size", "128"], "queue_size is 128 but checkpoint step_4 was trained with 64"),
         (["--backbone", "resnet34"], "backbone is 'resnet34' but checkpoint step_4 was trained with 'resnet18'"),
         # Once resumed silently, the run then described by the new values:

@@ -183,7 +183,7 @@ def test_a_run_resumes_on_another_process_count_at_the_same_global_batch(small_d
     refused = run_pretrain(*common, "--per_device_train_batch_size", "8", "--resume_from_checkpoint", step_2,
                            processes=2)  # fmt: skip
     assert refused.returncode != 0  # 2 in each process; torchrun reports 1
-    assert "global_batch_size is 16 but checkpoint step_2 was trained with 8" in refused.stderr
+    assert "`global_batch_size` is 16 but checkpoint step_2 was trained with 8" in refused.stderr
     assert "keep processes x --per_device_train_batch_size x --gradient_accumulation_steps equal to 8" in (
         refused.stderr
     )

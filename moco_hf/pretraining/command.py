@@ -3,6 +3,7 @@ or a YAML/JSON file in, exit status and one-line errors in terms of flags out.""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -51,12 +52,29 @@ def typed_command(argv: list[str], program: str | None) -> str:
     return shlex.join(without_secrets([*shlex.split(program), *argv]))
 
 
+class FlagWords(logging.Filter):
+    """Log records in the command line's words: each `name` of a setting becomes `--name` (`as_flags`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = as_flags(record.getMessage(), ARGUMENT_NAMES), None
+        return True
+
+
+def speak_in_flags() -> None:
+    """The log format of the command (set up once), with `FlagWords` on its handlers."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, FlagWords) for f in handler.filters):
+            handler.addFilter(FlagWords())
+
+
 def main(argv: list[str] | None = None, program: str | None = None) -> int:
     """The command: parse `argv` (default `sys.argv[1:]`), train, and return the exit status: 0, 1 for a run that
     cannot go on, 2 for a usage or data error (one line on stderr each), 3 when the run finished but its model did
     not reach the Hub (`--push_to_hub`; the last line says what to upload), 128 + signal when stopped by one.
     `program` is what started it (e.g. "moco-hf train"), recorded with `argv` as the run's command."""
     argv = sys.argv[1:] if argv is None else argv
+    speak_in_flags()
     try:
         results = train(parse_arguments(argv), command=typed_command(argv, program))
     except UsageError as error:

@@ -58,7 +58,7 @@ def log_plan(run: Run) -> None:
     args, plan, accelerator = run.args, run.plan, run.accelerator
     logger.info(
         "Training %s (%s) for %d steps: %d processes x %d images x %d accumulation = %d per step, lr %.4g, "
-        "%d loader workers per process, shuffle_bn=%s, query encoder BatchNorm: %s, augmentation on %s.",
+        "%d loader workers per process, `shuffle_bn`=%s, query encoder BatchNorm: %s, augmentation on %s.",
         run.config.backbone, args.preset, plan.total_steps, accelerator.num_processes, plan.micro_batch,
         args.gradient_accumulation_steps, plan.global_batch, run.learning_rate, plan.num_workers,
         run.moco.resolve_shuffle_bn(),
