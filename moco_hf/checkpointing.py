@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 
+from .configuration_moco import MAY_CHANGE_ON_RESUME, MocoConfig
 from .errors import DataError, RunError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
@@ -198,11 +199,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) 
 # silently mix two runs (and config.json would describe the whole run with the new values). What may change, with a
 # warning where it costs bit-exactness: the total length (extend or shorten a run), the process / batch layout at the
 # same global batch, loader workers, logging, checkpointing, evaluation and Hub settings.
-MATCHING_CONFIG_FIELDS = ("optimizer", "backbone", "backbone_kwargs", "cifar_stem", "dim", "queue_size", "mlp",
-                          "mlp_hidden_dim", "projector_layers", "head_batch_norm", "predictor", "predictor_hidden_dim",
-                          "symmetric_loss", "freeze_patch_embed", "momentum", "momentum_schedule",
-                          "softmax_temperature", "num_splits", "image_size", "image_mean", "image_std", "augmentation",
-                          "lr_schedule", "weight_decay", "sgd_momentum")  # fmt: skip
+MATCHING_CONFIG_FIELDS = tuple(name for name in MocoConfig.field_names() if name not in MAY_CHANGE_ON_RESUME)
 MATCHING_DATA_SETTINGS = ("dataset", "dataset_config_name", "train_split", "max_train_samples")
 MUST_MATCH = ("seed", "learning_rate", *MATCHING_DATA_SETTINGS, *MATCHING_CONFIG_FIELDS)
 # How the global batch is laid out. A dataset read in `GlobalOrder` only needs the same global batch; a stream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -108,6 +109,10 @@ PRESETS["cifar10-demo"] = {
     "sgd_momentum": 0.9,
 }
 PRESET_NAMES = tuple(PRESETS)
+# The fields a resumed run may hold at another value than its checkpoint (every other field must match, see
+# `checkpointing.check_resume_settings`): the way key batches are kept from leaking follows the process count, which
+# a resume may change; the learning rate per 256 images is compared as the run's own learning rate instead.
+MAY_CHANGE_ON_RESUME = frozenset({"shuffle_bn", "base_learning_rate"})
 
 
 class MocoConfig(PretrainedConfig):
@@ -240,6 +245,11 @@ class MocoConfig(PretrainedConfig):
         self.sgd_momentum = sgd_momentum
         super().__init__(**kwargs)
         self.validate_moco()
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The MoCo fields, in the order of `__init__` (`PretrainedConfig`'s own attributes left out)."""
+        return tuple(name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs"))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MocoConfig:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.checkpointing import TrainerState, non_finite_tensors, save_checkpoint, write_manifest
 from moco_hf.data import decode_image
-from moco_hf.errors import RunError
+from moco_hf.errors import RunError, UsageError
 
 
 def start_pretrain(*args: str) -> subprocess.Popen:
@@ -527,6 +527,31 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
     assert third.returncode == 0, third.stderr[-3000:]
 
 
+def test_every_config_field_is_compared_on_resume_unless_it_may_change():
+    """A field added to MocoConfig is compared on resume by itself: each field but those `MAY_CHANGE_ON_RESUME`
+    names is refused when it differs from the checkpoint's, in the settings the trainer records."""
+    from types import SimpleNamespace
+
+    from moco_hf.checkpointing import check_resume_settings
+    from moco_hf.configuration_moco import MAY_CHANGE_ON_RESUME
+    from moco_hf.pretraining import MocoTrainingArguments
+    from moco_hf.pretraining.setup import run_settings
+
+    args = MocoTrainingArguments(backbone="resnet18")
+    plan = SimpleNamespace(order=object(), global_batch=16, micro_batch=16, total_steps=10)
+    config = MocoConfig.from_preset("v2", backbone="resnet18")
+    saved = run_settings(config, plan, args, 0.03, 1)
+    assert set(MocoConfig.field_names()) > MAY_CHANGE_ON_RESUME
+    for name in MocoConfig.field_names():
+        changed = run_settings(config, plan, args, 0.03, 1)
+        changed[name] = ["a value no config holds"]
+        if name in MAY_CHANGE_ON_RESUME:
+            check_resume_settings(saved, changed, Path("step_4"))
+        else:
+            with pytest.raises(UsageError, match=f"^`{name}` is "):
+                check_resume_settings(saved, changed, Path("step_4"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "changed, message",
@@ -543,7 +568,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_ones_lock_is_no
         (["--weight_decay", "0.01"], "weight_decay is 0.01 but checkpoint step_4 was trained with 0.0001"),
         (["--lr_schedule", "step"], "lr_schedule is 'step' but checkpoint step_4 was trained with 'cosine'"),
         (["--max_train_samples", "100"], "max_train_samples is 100 but checkpoint step_4 was trained with None"),
-        (["--dataset_name", "{other}"], "dataset is '{other}' but checkpoint step_4 was trained with '{dataset}'"),
+        (["--dataset_name", "{other}"], "`dataset` is '{other}' but checkpoint step_4 was trained with '{dataset}'"),
     ],
 )
 def test_changed_settings_on_resume_are_refused_with_the_field_named(
