@@ -97,7 +97,7 @@ class DataArguments:
                                                                   "ImageNet's)."})  # fmt: skip
     augmentation: Literal[AUGMENTATIONS] | None = field(
         default=None,
-        metadata={**CONFIG, "help": "Two-crop recipe (preset's; cifar10-demo: no blur, crops from 8%)."},
+        metadata={**CONFIG, "help": "Two-crop recipe (preset's; cifar10-demo: no blur, crop scale 0.08-1)."},
     )
     dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     augment_on_device: bool = field(
