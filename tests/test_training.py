@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,12 +168,15 @@ def test_the_hub_token_reaches_no_file_and_no_output(small_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("preset,how", [("v3", "yaml"), ("cifar10-demo", "flags")])
-def test_records_hold_the_settings_as_built_and_the_command_as_typed(small_dataset, tmp_path, preset, how, capsys):
+def test_records_hold_the_settings_as_built_and_the_command_as_typed(
+    small_dataset, tmp_path, preset, how, capsys, monkeypatch
+):
     """run_config.json: every model setting resolved (the preset chose optimizer, shuffle_bn, weight decay...), as
     the saved config.json holds it; results.json: `moco-hf train` with the flags or the YAML file typed."""
-    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)  # a relative output folder, as users type it
+    out = Path("run")
     flags = {"preset": preset, "backbone": "resnet18", "image_size": 32, "per_device_train_batch_size": 8,
-             "queue_size": 64, "dataset_name": str(small_dataset), "output_dir": str(out), "max_train_steps": 1,
+             "queue_size": 64, "dataset_name": str(small_dataset), "output_dir": "run", "max_train_steps": 1,
              "knn_monitor": False, "dataloader_num_workers": 0}  # fmt: skip
     if how == "yaml":
         (tmp_path / "run.yaml").write_text("".join(f"{name}: {json.dumps(value)}\n" for name, value in flags.items()))
@@ -190,7 +194,7 @@ def test_records_hold_the_settings_as_built_and_the_command_as_typed(small_datas
         assert run_config[name] == (list(expected) if isinstance(expected, tuple) else expected), name
     assert run_config["shuffle_bn"] == {"v3": "none", "cifar10-demo": "split"}[preset]
     assert json.loads((out / "results.json").read_text())["command"] == shlex.join(["moco-hf", "train", *argv])
-    # Nothing was pushed: the model card's snippets load the run's folder, as written.
+    # Nothing was pushed: the model card's snippets load the run's folder, as written (relative: no machine paths).
     snippet = f'AutoModel.from_pretrained("{out / "model"}")'
     assert snippet in (out / "model" / "README.md").read_text()
     assert isinstance(AutoModel.from_pretrained(str(out / "model")), moco_hf.MocoModel)

@@ -88,8 +88,10 @@ def save_model(run: Run, state: TrainerState, folder: Path) -> None:
     summary = training_summary(run, state)
     summary.save(folder)  # `moco-hf export` carries it over to the encoder's card
     card_repo_id = run.publisher.repo_id if run.publisher else run.repo_id  # the Hub may add the user's namespace
-    # Its snippets load the model from where it is: the Hub repo when pushed, else the folder `model/` of the run.
-    location = card_repo_id if run.publisher else str(run.output_dir / "model")
+    # Its snippets load the model from where it is: the Hub repo when pushed, else the run's `model/` as the user
+    # named it (relative to where the run started); an absolute path would publish this machine's directories.
+    local = run.output_dir / "model"
+    location = card_repo_id if run.publisher or local.is_absolute() else str(local)
     render_model_card(run.config, card_repo_id, "model", summary, location=location).save(folder / "README.md")
 
 
