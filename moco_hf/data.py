@@ -108,15 +108,21 @@ def split_base_name(spec: str) -> str:
     return spec.split("[", 1)[0].split("+", 1)[0].strip()
 
 
-def hold_out_rows(dataset: Dataset, count: int, label_column: str, seed: int) -> tuple[Dataset, Dataset, bool]:
-    """`dataset` split into the rest and `count` seeded rows held out of it, each class in proportion when the labels
-    are a `ClassLabel` (the first rows of a folder sorted by class would hold out whole classes); True when so."""
+def hold_out_rows(
+    dataset: Dataset, count: int, label_column: str, seed: int, split: str, dataset_name: str, what: str
+) -> tuple[Dataset, Dataset, bool, str]:
+    """`dataset` (split `split` of `dataset_name`) split into the rest and `count` seeded rows held out of it (the
+    `what`, e.g. "kNN queries"), each class in proportion when the labels are a `ClassLabel` (the first rows of a
+    folder sorted by class would hold out whole classes); whether they are, and how results name the held-out rows."""
+    if count < 1:
+        raise DataError(f"split {split!r} of {dataset_name!r} has {len(dataset)} images: too few to hold {what} out "
+                        "of it.")  # fmt: skip
     stratify = label_column if isinstance(dataset.features[label_column], ClassLabel) else None
     try:
         parts = dataset.train_test_split(test_size=count, seed=seed, stratify_by_column=stratify)
     except ValueError:  # a class with a single image cannot be split both ways: a plain seeded sample
         parts, stratify = dataset.train_test_split(test_size=count, seed=seed), None
-    return parts["train"], parts["test"], stratify is not None
+    return parts["train"], parts["test"], stratify is not None, f"{split}, {count} held out (seed {seed})"
 
 
 def take_rows(dataset: Dataset | IterableDataset, start: int, count: int | None) -> Dataset | IterableDataset:

@@ -152,12 +152,10 @@ def evaluation_rows(args: FeatureArguments) -> tuple[EvaluationRows, EvaluationR
             select_split(splits, args.eval_split, name), args.eval_split
         )
     count = min(args.max_eval_samples or len(train) // 5, len(train) // 5)
-    if count < 1:
-        raise DataError(f"{args.train_split!r} of {name!r} has {len(train)} images: too few to hold evaluation "
-                        "images out of it.")  # fmt: skip
     label_column = find_label_column(train, args.label_column)
-    rest, held_out, stratified = hold_out_rows(train, count, label_column, HOLD_OUT_SEED)
-    description = f"{args.train_split}, {count} held out (seed {HOLD_OUT_SEED})"
+    rest, held_out, stratified, description = hold_out_rows(
+        train, count, label_column, HOLD_OUT_SEED, args.train_split, name, "evaluation images"
+    )
     logger.warning(
         "%s: evaluating on %d images of %r held out of the training images (a seeded sample%s); the classifier "
         "sees the other %d.", f"Dataset {name} has no split {args.eval_split!r}" if args.eval_split != args.train_split

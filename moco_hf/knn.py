@@ -177,12 +177,10 @@ def hold_out_queries(bank: Dataset, splits: KnnSplits) -> tuple[dict[str, Datase
     are a `ClassLabel`: the first rows of a folder sorted by class would give queries with no class-mate in the
     bank, and a kNN accuracy of 0 that measures nothing."""
     held_out = min(splits.max_query_samples or len(bank) // 10, len(bank) // 5)
-    if held_out < 1:
-        raise DataError(f"split {splits.bank_split!r} of {splits.dataset_name!r} has {len(bank)} images: too few to "
-                        "hold kNN queries out of the bank.")  # fmt: skip
     label_column = find_label_column(bank, splits.label_column)
-    rest, queries, stratified = hold_out_rows(bank, held_out, label_column, HOLD_OUT_SEED)
-    description = f"{splits.bank_split}, {held_out} held out (seed {HOLD_OUT_SEED})"
+    rest, queries, stratified, description = hold_out_rows(
+        bank, held_out, label_column, HOLD_OUT_SEED, splits.bank_split, splits.dataset_name, "kNN queries"
+    )
     logger.warning(
         "Dataset %s has no split %r: the kNN queries are %d images of %r held out of the bank (a seeded sample%s).",
         splits.dataset_name, splits.query_split, held_out, splits.bank_split,
