@@ -14,7 +14,8 @@ taken over the same encoder before training with its BatchNorm statistics calibr
   random encoder, BatchNorm calibrated, head-feature kNN with all 50,000 training images as the bank and the
   10,000 test images as queries (`training/knn_eval.py --random_init --feature head`), so that the docs can say
   how much of the demo's epoch-1 figure is learning.
-* `plot`: the figure of the search and the confirmation, and the tables (`main_job_recipe-cpu.md`).
+* `plot`: the figure of the search and the confirmation. The tables are in `docs/main-job.md`, generated from the
+  result file by `scripts/docs_tables.py`.
 
     python -m benchmarks.main_job_recipe search --only base lr_0.06
     python -m benchmarks.main_job_recipe confirm --seeds 0 1 2
@@ -214,30 +215,7 @@ def plot() -> None:
         right.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(RESULT_FILE.with_suffix(".png"), dpi=110)
-    RESULT_FILE.with_suffix(".md").write_text(table())
-    print(RESULT_FILE.with_suffix(".png"), RESULT_FILE.with_suffix(".md"))
-
-
-def table() -> str:
-    """The result file as markdown tables (docs/main-job.md includes it): the search, the confirmation, demo epoch 0."""
-    results = load()
-    lines = ["| recipe (change from the search base) | seed | random init, calibrated | MoCo | gain | steps | wall |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for row in sorted(results["search"].values(), key=lambda row: -row["knn_gain"]):
-        changes = " ".join(f"{flag} {value or ''}".strip() for flag, value in row["changes"].items()) or "(none)"
-        lines.append(f"| {row['name']}: `{changes}` | {row['seed']} | {row['knn_top1_initial']:.2f}% | "
-                     f"{row['knn_top1']:.2f}% | {row['knn_gain']:+.2f} | {row['steps']} | "
-                     f"{row['wall_seconds'] / 60:.1f} min |")  # fmt: skip
-    if results["confirm"]:
-        lines += ["", "| the main job, test[:2000] | random init, calibrated | MoCo | gain | wall |",
-                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
-        for name, row in results["confirm"].items():
-            lines.append(f"| `{row['command']}` ({name}) | {row['knn_top1_initial']:.2f}% | {row['knn_top1']:.2f}% | "
-                         f"{row['knn_gain']:+.2f} | {row['wall_seconds'] / 60:.1f} min |")  # fmt: skip
-    for name, row in results.get("demo_epoch0", {}).items():
-        lines += ["", f"cifar10-demo preset, {name}: {row['encoder']}: kNN top-1 {row['knn_top1']:.2f}% "
-                  f"({row['train_samples']} bank images, {row['eval_samples']} queries)"]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    print(RESULT_FILE.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> None:

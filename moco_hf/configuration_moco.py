@@ -176,11 +176,27 @@ class MocoConfig(PretrainedConfig):
             else `"split"`.
         num_splits (`int`, defaults to 8):
             Number of BatchNorm groups of the `"split"` emulation (the official CIFAR demo's `bn_splits`).
-        image_size, image_mean, image_std (defaults 224 and ImageNet's statistics):
-            The preprocessing the encoder was trained with; exported encoders carry it in timm's `pretrained_cfg`.
-        augmentation, lr_schedule, optimizer, base_learning_rate, weight_decay, sgd_momentum:
-            The training recipe read by the trainer (`base_learning_rate` is per 256 images and scales linearly with
-            the global batch). Stored here so a checkpoint says how it was trained.
+        image_size (`int`, defaults to 224):
+            Side of the square crop the encoder was trained on; exported encoders carry it in timm's
+            `pretrained_cfg`, with the mean and standard deviation below.
+        image_mean (`tuple[float, ...]`, defaults to ImageNet's `(0.485, 0.456, 0.406)`):
+            Per-channel mean subtracted from the images.
+        image_std (`tuple[float, ...]`, defaults to ImageNet's `(0.229, 0.224, 0.225)`):
+            Per-channel standard deviation the images are divided by.
+        augmentation (`str`, defaults to `"v1"`):
+            The two-crop augmentation recipe the trainer builds (`moco_hf.augmentation`). This and the fields below
+            are the training recipe, stored so that a checkpoint says how it was trained.
+        lr_schedule (`str`, defaults to `"step"`):
+            The learning-rate schedule: `"step"` (v1: x0.1 at 60% and 80% of training), `"cosine"` (per step) or
+            `"cosine-per-epoch"` (the official CIFAR demo: set once per epoch).
+        optimizer (`str`, defaults to `"sgd"`):
+            SGD, or a timm optimizer (v3: LARS for ResNets, AdamW for ViTs).
+        base_learning_rate (`float`, defaults to 0.03):
+            Learning rate per 256 images; it scales linearly with the global batch.
+        weight_decay (`float`, defaults to 1e-4):
+            Weight decay of the optimizer.
+        sgd_momentum (`float`, defaults to 0.9):
+            Momentum of SGD (not MoCo's key-encoder momentum `momentum`).
     """
 
     model_type = "moco"

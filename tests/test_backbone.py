@@ -11,7 +11,8 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
+from conftest import FAST_TRAINING, run_pretrain
+from doc_examples import example
 from huggingface_hub.errors import HFValidationError
 from safetensors.torch import load_file
 from torch import nn
@@ -273,14 +274,11 @@ def test_exports_refuse_what_the_target_cannot_express(fields, message, export_f
     assert not (tmp_path / "out").exists()
 
 
-README_BACKBONE = re.compile(r"<!-- backbone-example -->\s*```python\n(.*?)```", re.DOTALL)
-
-
-def test_the_readme_example_builds_upernet_and_detr_on_a_trained_model(trainer_folder):
-    (code,) = README_BACKBONE.findall((REPO_ROOT / "README.md").read_text())
+def test_the_docs_example_builds_upernet_and_detr_on_a_trained_model(trainer_folder):
+    code = example("docs/using-encoders.md", "backbone")
     code = code.replace('"outputs/cifar10-resnet18/model"', f'"{trainer_folder}"')  # the main job's kind of folder
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # the example as a user would paste it
+    exec(compile(code, "docs/using-encoders.md", "exec"), namespace)  # the example as a user would paste it
     maps, backbone = namespace["maps"], namespace["backbone"]
     assert [m.shape[1] for m in maps] == backbone.channels == [64, 128, 256, 512]
     assert [m.shape[-1] for m in maps] == [32, 16, 8, 4]  # the CIFAR stem keeps full resolution through layer1

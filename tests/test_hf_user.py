@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
 from datasets import load_dataset
+from doc_examples import example
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModel, TrainerCallback, pipeline
 from transformers.utils import logging as hf_logging
@@ -209,16 +210,13 @@ def test_warm_start_from_a_moco_model_or_timm_weights(saved_moco, tmp_path):
         load_pretrained_weights(fresh, str(tmp_path / "pickle-only"))
 
 
-README_TRAINER = re.compile(r"<!-- trainer-example -->\s*```python\n(.*?)```", re.DOTALL)
-
-
 @pytest.mark.slow
-def test_the_readme_example_with_transformers_trainer_runs(tmp_path, monkeypatch):
-    (code,) = README_TRAINER.findall((REPO_ROOT / "README.md").read_text())
+def test_the_docs_example_with_transformers_trainer_runs(tmp_path, monkeypatch):
+    code = example("docs/training.md", "trainer")
     monkeypatch.chdir(REPO_ROOT)
     code = code.replace('output_dir="outputs/trainer-moco"', f'output_dir="{tmp_path}"')
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # the example as a user would paste it
+    exec(compile(code, "docs/training.md", "exec"), namespace)  # the example as a user would paste it
     model, trainer = namespace["model"], namespace["trainer"]
     assert trainer.state.global_step == 3 and int(model.queue_ptr) == (3 * 16) % 1024
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
