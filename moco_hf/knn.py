@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from .errors import DataError, UsageError
 
 logger = logging.getLogger(__name__)
 HOLD_OUT_SEED = 0  # the kNN queries held out of a split are the same in every run and every evaluation
+STREAMED_BANK_ROWS = 50_000  # a stream without a query split, bank cap None: the rows read to split bank and queries
 
 
 def weighted_knn_predict(
@@ -160,15 +161,20 @@ def load_knn_datasets(splits: KnnSplits) -> tuple[dict[str, Dataset | IterableDa
         return {"bank": take_rows(bank, 0, splits.max_bank_samples), "queries": queries}, (
             splits.query_split + (f"[:{limit}]" if limit else "")
         )
-    if not isinstance(bank, Dataset):  # a stream has no random access: its first rows, said out loud
-        held_out = limit or 1000
-        logger.warning(
-            "Dataset %s has no split %r: the kNN queries are the first %d images of the streamed %r, held out of the "
-            "bank.", splits.dataset_name, splits.query_split, held_out, splits.bank_split,
-        )  # fmt: skip
-        datasets = {"bank": take_rows(bank, held_out, splits.max_bank_samples), "queries": take_rows(bank, 0, held_out)}
-        return datasets, f"{splits.bank_split}[:{held_out}]"
+    if not isinstance(bank, Dataset):  # a stream: its first rows, split into bank and queries as a dataset's are
+        bank, splits = first_rows_of_stream(bank, splits)
     return hold_out_queries(bank, splits)
+
+
+def first_rows_of_stream(stream: IterableDataset, splits: KnnSplits) -> tuple[Dataset, KnnSplits]:
+    """The first rows of a streamed split, enough for the bank and the queries, as a dataset (images still encoded),
+    and `splits` naming them (`train[:12000]`) when the stream may hold more."""
+    count = (splits.max_bank_samples or STREAMED_BANK_ROWS) + (splits.max_query_samples or 0)
+    encoded = stream.decode(False) if stream.features is not None else stream
+    rows = Dataset.from_list(list(encoded.take(count)), features=stream.features)
+    if len(rows) == count:
+        splits = replace(splits, bank_split=f"{splits.bank_split}[:{count}]")
+    return rows, splits
 
 
 def hold_out_queries(bank: Dataset, splits: KnnSplits) -> tuple[dict[str, Dataset], str]:

@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -278,19 +279,22 @@ def class_sorted_folder(cifar_images, tmp_path_factory):
     return root
 
 
-def test_held_out_queries_are_a_class_balanced_sample_with_class_mates_in_the_bank(class_sorted_folder):
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "stream"])
+def test_held_out_queries_are_a_class_balanced_sample_with_class_mates_in_the_bank(class_sorted_folder, streaming):
     from accelerate import Accelerator
 
     from moco_hf.knn import KnnMonitor, KnnSplits
 
-    splits = KnnSplits(str(class_sorted_folder / "labelled"))  # the trainer's defaults: 2,000 queries, 10,000 bank
+    # the trainer's defaults: 2,000 queries, 10,000 bank
+    splits = KnnSplits(str(class_sorted_folder / "labelled"), streaming=streaming)
     monitor = KnnMonitor(splits, Accelerator(cpu=True), 32, (0.5,) * 3, (0.25,) * 3)
     queries, bank = monitor.splits["queries"]["label"], monitor.splits["bank"]["label"]
     assert len(queries) == 40 and len(bank) == 160  # a fifth of the folder, not its first 2,000 rows
     assert all(queries.count(label) == 4 and bank.count(label) == 16 for label in range(10))
     assert monitor.query_description == "train, 40 held out (seed 0)"
-    again = KnnMonitor(splits, Accelerator(cpu=True), 32, (0.5,) * 3, (0.25,) * 3)
-    assert again.splits["queries"]["image"] == monitor.splits["queries"]["image"]  # seeded: the same every run
+    # seeded: the same every run; a stream (read whole: it is smaller than bank + queries) is split as the dataset
+    again = KnnMonitor(replace(splits, streaming=False), Accelerator(cpu=True), 32, (0.5,) * 3, (0.25,) * 3)
+    assert again.splits["queries"]["image"] == monitor.splits["queries"]["image"]
 
 
 @pytest.mark.parametrize("folder", ["labelled", "unlabelled"])
