@@ -19,6 +19,8 @@ import torch
 
 # BENCHMARK_RESULTS_DIR elsewhere keeps a trial run (benchmarks/gpu_session.sh) from overwriting committed results.
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
+# The benchmarks' real images: the project's copy of CIFAR-10 beside the repository (../shared/data, see its README).
+CIFAR10 = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
 
 
 def device_of_choice() -> torch.device:

@@ -18,9 +18,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_results
+from benchmarks.common import CIFAR10, write_results
 from moco_hf.augmentation import build_two_crops
-from moco_hf.data import StreamBatches, as_iterable, default_dataset_name, load_image_dataset
+from moco_hf.data import StreamBatches, as_iterable, load_image_dataset
 
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     two_crops = build_two_crops("v2", args.image_size, CIFAR_MEAN, CIFAR_STD)
-    dataset = load_image_dataset(default_dataset_name(), "train", streaming=False).select(range(args.num_images))
+    dataset = load_image_dataset(CIFAR10, "train", streaming=False).select(range(args.num_images))
     num_batches = args.num_images // args.batch_size
 
     with tempfile.TemporaryDirectory() as folder:

@@ -35,10 +35,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .common import RESULTS, machine
+from .common import CIFAR10, RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 RESULT_FILE = RESULTS / "main_job_recipe-cpu.json"
 WORK = ROOT / "outputs" / "main_job_recipe"
 VALIDATION_ROWS = 5_000
@@ -73,7 +72,7 @@ def validation_dataset() -> Path:
     the rest. Written once under outputs/."""
     folder = WORK / "cifar10-validation" / "data"
     if not folder.is_dir():
-        table = pa.concat_tables(pq.read_table(f) for f in sorted((CIFAR10 / "data").glob("train-*.parquet")))
+        table = pa.concat_tables(pq.read_table(f) for f in sorted((Path(CIFAR10) / "data").glob("train-*.parquet")))
         folder.mkdir(parents=True)
         pq.write_table(table.slice(VALIDATION_ROWS), folder / "train-00000-of-00001.parquet")
         pq.write_table(table.slice(0, VALIDATION_ROWS), folder / "test-00000-of-00001.parquet")

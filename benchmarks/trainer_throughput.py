@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import device_of_choice, trainer_images_per_second, write_results
+from benchmarks.common import CIFAR10, device_of_choice, trainer_images_per_second, write_results
 from moco_hf import MocoConfig, MocoModel
-from moco_hf.data import default_dataset_name, load_image_dataset
+from moco_hf.data import load_image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
@@ -92,7 +92,7 @@ class ParquetImages(torch.utils.data.Dataset):
     """The CIFAR-10 train split through `transform`, as a lightly user would wrap a `datasets.Dataset`."""
 
     def __init__(self, transform: Callable) -> None:
-        self.images = load_image_dataset(default_dataset_name(), "train", streaming=False)
+        self.images = load_image_dataset(CIFAR10, "train", streaming=False)
         self.transform = transform
 
     def __len__(self) -> int:

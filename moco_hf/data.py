@@ -45,17 +45,15 @@ from PIL import ImageOps
 
 from .errors import DataError, first_line
 
-HUB_CIFAR10 = "uoft-cs/cifar10"  # the default dataset; ../shared/data/cifar10 is a copy of it
+HUB_CIFAR10 = "uoft-cs/cifar10"  # the default dataset
+DEFAULT_DATASET_VARIABLE = "MOCO_HF_DEFAULT_DATASET"  # e.g. a local copy of it, for machines without the Hub
 LOCAL_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
 def default_dataset_name() -> str:
-    """CIFAR-10: `../shared/data/cifar10` beside the project (or the working directory) if present, else the Hub's."""
-    project_root = Path(__file__).resolve().parents[1]
-    for candidate in (project_root.parent / "shared" / "data" / "cifar10", Path("../shared/data/cifar10")):
-        if candidate.is_dir():
-            return str(candidate.resolve())
-    return HUB_CIFAR10
+    """The dataset of a run or an evaluation that names none: the Hub's CIFAR-10, or what the environment variable
+    `MOCO_HF_DEFAULT_DATASET` names (the repository's scripts point it to their local copy of CIFAR-10)."""
+    return os.environ.get(DEFAULT_DATASET_VARIABLE) or HUB_CIFAR10
 
 
 def load_image_splits(

@@ -4,6 +4,8 @@
 # first; MODEL=path overrides the encoder. Features are extracted once per encoder and cached in outputs/eval-*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This repository's copy of CIFAR-10 (../shared/data, see its README), when there is one, is the default dataset.
+if [ -d ../shared/data/cifar10 ]; then export MOCO_HF_DEFAULT_DATASET="$(cd ../shared/data/cifar10 && pwd)"; fi
 bash scripts/setup.sh
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 MODEL=${MODEL:-outputs/cifar10-resnet18/model}

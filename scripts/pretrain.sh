@@ -8,6 +8,8 @@
 # outputs (--overwrite_output_dir); pass --resume_from_checkpoint latest to continue it instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This repository's copy of CIFAR-10 (../shared/data, see its README), when there is one, is the default dataset.
+if [ -d ../shared/data/cifar10 ]; then export MOCO_HF_DEFAULT_DATASET="$(cd ../shared/data/cifar10 && pwd)"; fi
 bash scripts/setup.sh
 export HF_HUB_DISABLE_PROGRESS_BARS=1
 runs_bf16_natively='import sys, torch

@@ -14,6 +14,8 @@
 # (benchmarks/gpu_session.sh does, on a device machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This repository's copy of CIFAR-10 (../shared/data, see its README), when there is one, is the default dataset.
+if [ -d ../shared/data/cifar10 ]; then export MOCO_HF_DEFAULT_DATASET="$(cd ../shared/data/cifar10 && pwd)"; fi
 if [ -z "${RUN_PYTHON:-}" ]; then
     bash scripts/setup.sh
     RUN_PYTHON=.venv/bin/python

@@ -5,6 +5,8 @@
 # Extra arguments go to pytest (e.g. -k modeling, or -m "not slow" for the quick part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# This repository's copy of CIFAR-10 (../shared/data, see its README), when there is one, is the default dataset.
+if [ -d ../shared/data/cifar10 ]; then export MOCO_HF_DEFAULT_DATASET="$(cd ../shared/data/cifar10 && pwd)"; fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 .venv/bin/ruff check .

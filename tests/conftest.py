@@ -12,6 +12,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+os.environ.setdefault("MOCO_HF_DEFAULT_DATASET", str(CIFAR10_DIR))  # as scripts/test.sh sets it
 
 # Per-channel statistics of CIFAR-10's train split (../shared/data/README.md).
 CIFAR_MEAN = torch.tensor([0.4913, 0.4821, 0.4465]).view(1, 3, 1, 1)

@@ -64,6 +64,12 @@ def test_the_library_never_imports_the_commands():
     assert not {path: modules for path, modules in offenders.items() if modules}
 
 
+def test_the_library_knows_nothing_of_this_repository_s_folders():
+    """Where this repository keeps its data (../shared) is for its scripts and tests to say, not the package."""
+    folder = re.compile(r"""shared/data|["']shared["']""")  # as a path or as a part joined with /
+    assert not [str(path.relative_to(REPO_ROOT)) for path in python_files(LIBRARY) if folder.search(path.read_text())]
+
+
 def test_the_commands_import_the_library_not_each_other():
     for path in python_files(COMMANDS):
         modules = imported_modules(path)

@@ -9,9 +9,10 @@ Two CPU processes:    accelerate launch --multi_gpu --num_processes 2 --num_mach
 Arguments may also come from a YAML or JSON file: python training/pretrain.py config.yaml
 From Python:          moco_hf.pretraining.train(MocoTrainingArguments(backbone="resnet18", ...))
 
-With no --dataset_name it trains on CIFAR-10 (../shared/data/cifar10 when present, else the Hub's uoft-cs/cifar10)
-and reports the weighted kNN accuracy of the encoder before and after training. Exit status: 0 done, 1 the run
-cannot go on (checkpoints intact), 2 a usage or data error, 128 + N stopped by signal N after a checkpoint.
+With no --dataset_name it trains on the Hub's CIFAR-10 (uoft-cs/cifar10; the environment variable
+MOCO_HF_DEFAULT_DATASET names another default, as the repository's scripts do for a local copy) and reports the
+weighted kNN accuracy of the encoder before and after training. Exit status: 0 done, 1 the run cannot go on
+(checkpoints intact), 2 a usage or data error, 128 + N stopped by signal N after a checkpoint.
 """
 
 import sys

@@ -17,10 +17,7 @@ from ..checkpointing import (
     TrainerState,
     save_checkpoint,
 )
-from ..data import (
-    HUB_CIFAR10,
-    close_loader,
-)
+from ..data import close_loader, default_dataset_name
 from ..errors import RunError, first_line
 from ..hub_upload import SNAPSHOT_PREFIX
 from ..model_card import EvaluationResult, TrainingSummary, describe_hardware, render_model_card, shareable_name
@@ -97,7 +94,7 @@ def save_model(run: Run, state: TrainerState, folder: Path) -> None:
 
 def training_summary(run: Run, state: TrainerState) -> TrainingSummary:
     config, knn = run.config, run.knn
-    card_dataset = run.args.dataset_name or HUB_CIFAR10  # the default data is a copy of this Hub dataset
+    card_dataset = run.args.dataset_name or default_dataset_name()
     last = state.knn_history[-1] if state.knn_history else None
     initial = initial_knn(state)
     results = [
