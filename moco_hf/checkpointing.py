@@ -173,6 +173,12 @@ def checkpoint_damage(folder: Path) -> str | None:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError) as error:
         return f"{MANIFEST_FILE} is missing or unreadable ({first_line(error) or type(error).__name__})"
+    if not isinstance(manifest, dict) or not all(map(is_manifest_entry, manifest.values())):
+        return f"{MANIFEST_FILE} is malformed (not a size and sha256 for each file)"
+    unlisted = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    unlisted = [name for name in unlisted if name not in manifest]
+    if unlisted or not manifest:
+        return f"{unlisted[0] if unlisted else 'every file'} is not listed in {MANIFEST_FILE}"
     for name, expected in manifest.items():
         path = folder / name
         if not path.is_file():
@@ -180,6 +186,10 @@ def checkpoint_damage(folder: Path) -> str | None:
         if path.stat().st_size != expected["bytes"] or file_digest(path) != expected["sha256"]:
             return f"{name} is damaged (its size or sha256 differs from {MANIFEST_FILE})"
     return None
+
+
+def is_manifest_entry(entry: object) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) -> TrainerState:

@@ -470,7 +470,43 @@ DAMAGES = {
     "RNG state emptied": (lambda c: (c / "random_states_0.pkl").write_bytes(b""), "random_states_0.pkl is damaged"),
     "trainer state edited": (lambda c: (c / "trainer_state.json").write_text("{}"), "trainer_state.json is damaged"),
     "truncated optimizer": (lambda c: (c / "optimizer.bin").write_bytes(b"\x80"), "optimizer.bin is damaged"),
+    "manifest not a mapping": (lambda c: (c / "manifest.json").write_text("[]"), "manifest.json is malformed"),
 }
+
+
+def rewrite_manifest(checkpoint: Path, change) -> None:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    (checkpoint / "manifest.json").write_text(json.dumps(change(manifest)))
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda c: (c / "manifest.json").write_text("[]"), "manifest.json is malformed"),
+        (lambda c: (c / "manifest.json").write_text('"step_2"'), "manifest.json is malformed"),
+        (lambda c: rewrite_manifest(c, lambda m: {**m, "a.bin": {"sha256": "0" * 64}}), "manifest.json is malformed"),
+        (lambda c: rewrite_manifest(c, lambda m: {**m, "a.bin": {"bytes": "3", "sha256": ""}}), "is malformed"),
+        # an empty manifest beside truncated weights vouches for nothing
+        (
+            lambda c: [(c / "manifest.json").write_text("{}"), (c / "model.safetensors").write_bytes(b"{")],
+            "a.bin is not listed in manifest.json",
+        ),
+        (lambda c: (c / "b.bin").write_bytes(b"planted"), "b.bin is not listed in manifest.json"),
+        (lambda c: (c / "a.bin").write_bytes(b"\x00" * 4), "a.bin is damaged"),
+    ],
+    ids=["a list", "a string", "an entry without bytes", "bytes as text", "empty", "a file more", "altered"],
+)
+def test_a_malformed_manifest_is_a_damaged_checkpoint(tmp_path, spoil, message):
+    from moco_hf.checkpointing import checkpoint_damage
+
+    checkpoint = tmp_path / "step_2"
+    checkpoint.mkdir()
+    (checkpoint / "a.bin").write_bytes(b"\x01" * 4)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    write_manifest(checkpoint)
+    assert checkpoint_damage(checkpoint) is None
+    spoil(checkpoint)
+    assert message in checkpoint_damage(checkpoint)
 
 
 @pytest.mark.slow
