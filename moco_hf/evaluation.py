@@ -44,6 +44,7 @@ from .model_sources import MOCO, TIMM_ENCODER, identify_model
 from .modeling_moco import MocoModel
 
 logger = logging.getLogger("moco_hf.evaluation")
+MAX_CLASS_ID = 1_000_000  # a larger id is a mistake, not a class: the linear probe has an output per id
 
 
 @dataclass
@@ -143,16 +144,20 @@ def evaluation_rows(args: FeatureArguments) -> tuple[EvaluationRows, EvaluationR
     """The training rows (`train_split`, slices allowed) and the evaluation rows: `eval_split` when the dataset has
     it and it is another split; otherwise a seeded part of the training rows held out of them (each class in
     proportion when the labels are a `ClassLabel`: at most a fifth, and `max_eval_samples`), as the trainer's kNN
-    monitor holds out its queries."""
+    monitor holds out its queries. Their labels are checked first (`check_labels`)."""
     name = args.dataset_name or default_dataset_name()
     splits = load_image_splits(name, streaming=False, config_name=args.dataset_config_name)
     train = select_split(splits, args.train_split, name)
-    if args.eval_split != args.train_split and split_base_name(args.eval_split) in splits:
-        return EvaluationRows(train, args.train_split), EvaluationRows(
-            select_split(splits, args.eval_split, name), args.eval_split
-        )
-    count = min(args.max_eval_samples or len(train) // 5, len(train) // 5)
     label_column = find_label_column(train, args.label_column)
+    if args.eval_split != args.train_split and split_base_name(args.eval_split) in splits:
+        rows = (
+            EvaluationRows(train, args.train_split),
+            EvaluationRows(select_split(splits, args.eval_split, name), args.eval_split),
+        )
+        check_labels(rows, label_column, name)
+        return rows
+    check_labels((EvaluationRows(train, args.train_split),), label_column, name)
+    count = min(args.max_eval_samples or len(train) // 5, len(train) // 5)
     rest, held_out, stratified, description = hold_out_rows(
         train, count, label_column, HOLD_OUT_SEED, args.train_split, name, "evaluation images"
     )
@@ -163,6 +168,29 @@ def evaluation_rows(args: FeatureArguments) -> tuple[EvaluationRows, EvaluationR
         ", each class in proportion" if stratified else "", len(rest),
     )  # fmt: skip
     return EvaluationRows(rest, f"{args.train_split} less the held-out images"), EvaluationRows(held_out, description)
+
+
+def check_labels(sides: tuple[EvaluationRows, ...], label_column: str, dataset_name: str) -> None:
+    """Labels must be class ids, integers from 0 to MAX_CLASS_ID - 1 (the classifier has one output per id), and
+    the training rows (the first side) must hold at least two classes, or every accuracy would be 100%."""
+    for side in sides:
+        labels = side.dataset[label_column]
+        bad = next((label for label in labels if not is_class_id(label)), None) if labels else "no label at all"
+        if bad is not None:
+            raise DataError(
+                f"{side.description!r} of {dataset_name}: label {bad!r} of column {label_column!r} is not a class id "
+                f"(an integer from 0 to {MAX_CLASS_ID - 1:,}); give a ClassLabel column, e.g. with "
+                "`Dataset.class_encode_column`, or pass `label_column` NAME."
+            )
+    classes = len(set(sides[0].dataset[label_column]))
+    if classes < 2:
+        raise DataError(f"{sides[0].description!r} of {dataset_name} holds a single class (column {label_column!r}): "
+                        "an evaluation needs at least two.")  # fmt: skip
+    logger.info("Evaluating with %d classes in %r (column %r).", classes, sides[0].description, label_column)
+
+
+def is_class_id(label: object) -> bool:
+    return isinstance(label, int) and not isinstance(label, bool) and 0 <= label < MAX_CLASS_ID
 
 
 def split_features(

@@ -195,6 +195,36 @@ def test_evaluation_commands_refuse_what_cannot_measure_anything_in_one_line(
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0] * 20, "holds a single class (column 'label'): an evaluation needs at least two"),
+        (["cat", "dog"] * 10, "label 'cat' of column 'label' is not a class id"),
+        ([0, 1] * 9 + [-1, 1], "label -1 of column 'label' is not a class id"),
+        ([0, 1] * 9 + [10**12, 1], "label 1000000000000 of column 'label' is not a class id"),
+    ],
+    ids=["one class", "strings", "negative", "huge"],
+)
+@pytest.mark.parametrize("script", ["knn_eval", "linear_eval"])
+def test_evaluation_refuses_labels_that_are_not_class_ids_in_one_line(
+    script, labels, message, cifar_images, random_moco, tmp_path
+):
+    from datasets import Dataset, Features, Image, Value
+
+    kind = Value("string") if isinstance(labels[0], str) else Value("int64")
+    for split in ("train", "test"):
+        rows = Dataset.from_dict({"image": cifar_images[0][:20], "label": labels},
+                                 features=Features({"image": Image(), "label": kind}))  # fmt: skip
+        rows.to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    args = ["--model_name_or_path", str(random_moco), "--dataset_name", str(tmp_path), "--output_dir",
+            str(tmp_path / "o")]  # fmt: skip
+    result = run_in_process(REPO_ROOT / "training" / f"{script}.py", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "features").exists()  # refused before any image was encoded
+
+
 def demo_knn_predict(feature, feature_bank, feature_labels, classes, knn_k, knn_t):
     """The official CIFAR demo's `knn_predict`, transcribed (feature_bank is D x N)."""
     sim_matrix = torch.mm(feature, feature_bank)
