@@ -21,6 +21,8 @@ import torch
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 # The benchmarks' real images: the project's copy of CIFAR-10 beside the repository (../shared/data, see its README).
 CIFAR10 = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10")
+if Path(CIFAR10).is_dir():  # and the default dataset of the runs the benchmarks start, as the scripts make it
+    os.environ.setdefault("MOCO_HF_DEFAULT_DATASET", CIFAR10)
 
 
 def device_of_choice() -> torch.device:

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 RUN_PYTHON=${RUN_PYTHON:-python3}
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 BENCHMARK_RESULTS_DIR=$OUT/results
 mkdir -p "$OUT/results" "$OUT/logs"
-if [ ! -d ../shared/data/cifar10 ] && [ -d .device/cifar10 ]; then  # where moco_hf looks for the default data
+if [ ! -d ../shared/data/cifar10 ] && [ -d .device/cifar10 ]; then  # where the scripts look for the default data
     mkdir -p ../shared/data && ln -s "$PWD/.device/cifar10" ../shared/data/cifar10
 fi
 

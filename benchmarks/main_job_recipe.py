@@ -168,13 +168,16 @@ def demo_epoch0(seeds: list[int]) -> None:
             output_dir = WORK / f"demo-epoch0-{feature}-seed{seed}"
             output_dir.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "training/knn_eval.py", "--model_name_or_path", str(folder), "--random_init",
-                       "--seed", str(seed), "--feature", feature, "--output_dir", str(output_dir)]  # fmt: skip
+                       "--dataset_name", CIFAR10, "--seed", str(seed), "--feature", feature,
+                       "--output_dir", str(output_dir)]  # fmt: skip
             with output_dir.with_suffix(".log").open("w") as log:
                 subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=log)
             measured = json.loads((output_dir / "knn_results.json").read_text())
             results = load()
             results.setdefault("demo_epoch0", {})[f"{feature} seed {seed}"] = {
-                "command": " ".join(["python", *command[1:]]).replace(str(folder), "<cifar10-demo config folder>"),
+                "command": " ".join(["python", *command[1:]])
+                .replace(str(folder), "<cifar10-demo config folder>")
+                .replace(CIFAR10, "../shared/data/cifar10"),
                 **{key: measured[key] for key in ("encoder", "knn_top1", "train_samples", "eval_samples")},
             }
             save(results)
