@@ -17,6 +17,10 @@ MAX_QUEUE_SIZE = 2**20  # 16x the papers' K: a bound on what a loaded config.jso
 # Bounds on the integers a config.json may pass to timm, so that a loaded file cannot make us build for minutes:
 # widths, sizes and counts up to 2^16, depths (keys naming depth or layers) up to 1000 blocks per stage.
 MAX_BACKBONE_INT, MAX_BACKBONE_DEPTH = 2**16, 1000
+# The same for the sizes MoCo itself allocates: embedding and hidden widths, head depth, input size, and the queue as
+# a whole (K x dim fp32 numbers: 2^27 is 512 MiB, the papers' 65536 x 128 is 2^23).
+MAX_WIDTH, MAX_HEAD_LAYERS, MAX_IMAGE_SIZE, MAX_QUEUE_NUMBERS = 2**16, 16, 4096, 2**27
+MIN_TEMPERATURE = 0.01  # the papers use 0.07-1; below this the logits (cosine / T) overflow and the loss is noise
 
 # The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -281,7 +285,7 @@ class MocoConfig(PretrainedConfig):
         _check_backbone_exists(self.backbone)
         _check_backbone_kwargs(self.backbone_kwargs)
         _check(isinstance(self.cifar_stem, bool), "cifar_stem", self.cifar_stem, "True or False")
-        _check(_is_int(self.dim) and self.dim > 0, "dim", self.dim, "a positive integer")
+        _check(_is_int(self.dim) and 0 < self.dim <= MAX_WIDTH, "dim", self.dim, f"an integer from 1 to {MAX_WIDTH}")
         _check(
             _is_int(self.queue_size) and 0 <= self.queue_size <= MAX_QUEUE_SIZE,
             "queue_size",
@@ -289,22 +293,30 @@ class MocoConfig(PretrainedConfig):
             f"an integer >= 0 and <= {MAX_QUEUE_SIZE} (K, the number of negative keys; the papers use up to 65536)",
         )
         _check(
+            self.queue_size * self.dim <= MAX_QUEUE_NUMBERS,
+            "queue_size",
+            self.queue_size,
+            f"at most {MAX_QUEUE_NUMBERS} / dim = {MAX_QUEUE_NUMBERS // self.dim} with dim {self.dim} (the queue holds "
+            f"queue_size x dim numbers, at most {MAX_QUEUE_NUMBERS})",
+        )
+        _check(
             _is_number(self.momentum) and 0.0 <= self.momentum <= 1.0, "momentum", self.momentum, "a number in [0, 1]"
         )
         _check(
-            _is_number(self.softmax_temperature) and self.softmax_temperature > 0,
+            _is_number(self.softmax_temperature) and self.softmax_temperature >= MIN_TEMPERATURE,
             "softmax_temperature",
             self.softmax_temperature,
-            "a number > 0",
+            f"a number >= {MIN_TEMPERATURE} (the papers use 0.07 to 1)",
         )
         for name in ("mlp_hidden_dim", "predictor_hidden_dim"):
             value = getattr(self, name)
-            _check(value is None or (_is_int(value) and value > 0), name, value, "a positive integer or None")
+            ok = value is None or (_is_int(value) and 0 < value <= MAX_WIDTH)
+            _check(ok, name, value, f"an integer from 1 to {MAX_WIDTH}, or None")
         _check(
-            _is_int(self.projector_layers) and self.projector_layers >= 2,
+            _is_int(self.projector_layers) and 2 <= self.projector_layers <= MAX_HEAD_LAYERS,
             "projector_layers",
             self.projector_layers,
-            "an integer >= 2",
+            f"an integer from 2 to {MAX_HEAD_LAYERS}",
         )
         _check(
             self.momentum_schedule in MOMENTUM_SCHEDULES,
@@ -315,7 +327,8 @@ class MocoConfig(PretrainedConfig):
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
         _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
         _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
-        _check(_is_int(self.image_size) and self.image_size > 0, "image_size", self.image_size, "a positive integer")
+        ok = _is_int(self.image_size) and 0 < self.image_size <= MAX_IMAGE_SIZE
+        _check(ok, "image_size", self.image_size, f"an integer from 1 to {MAX_IMAGE_SIZE}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             _check(len(value) == 3 and all(_is_number(v) for v in value), name, value, "3 numbers (one per channel)")

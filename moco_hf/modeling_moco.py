@@ -252,6 +252,16 @@ class MocoEncoder(nn.Module):
         return self.head(self.backbone(pixel_values))
 
 
+def check_queue_holds_keys(queue: torch.Tensor, source: str | os.PathLike) -> None:
+    """Every row of a loaded queue is a key, an L2-normalised vector: anything else (an integer tensor cast to zeros, a
+    scaled or corrupted one) would be compared with every query as if it were."""
+    norms = queue.detach().float().norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-2):
+        bad = int((norms - 1).abs().argmax())
+        raise ValueError(f"The `queue` in {source} does not hold keys: row {bad} has norm {norms[bad].item():.4g}, "
+                         "not 1 (keys are L2-normalised; was it saved with another dtype or altered?).")  # fmt: skip
+
+
 class MocoPreTrainedModel(PreTrainedModel):
     config_class = MocoConfig
     base_model_prefix = "encoder_q"  # the checkpoint's key prefix of the query encoder (see `MocoModel.base_model`)
@@ -326,6 +336,8 @@ class MocoModel(MocoPreTrainedModel):
             if "mismatched" not in str(error):
                 raise
             raise ValueError(describe_shape_mismatch(pretrained_model_name_or_path, kwargs)) from error
+        if "queue" not in info["missing_keys"] and model.config.queue_size > 0:
+            check_queue_holds_keys(model.queue, pretrained_model_name_or_path)
         if "queue" in info["missing_keys"] and model.config.queue_size > 0:
             logger.warning(  # said out loud: a fresh dictionary changes what the next steps compare against
                 f"The weights in {pretrained_model_name_or_path} have no `queue`: a fresh random queue of "

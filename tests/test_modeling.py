@@ -294,10 +294,10 @@ def test_presets():
     "field, value, message",
     [
         ("queue_size", -1, "queue_size must be an integer >= 0"),
-        ("softmax_temperature", 0.0, "softmax_temperature must be a number > 0"),
+        ("softmax_temperature", 0.0, "softmax_temperature must be a number >= 0.01"),
         ("momentum", 1.5, r"momentum must be a number in \[0, 1\]"),
         ("shuffle_bn", "sync", "shuffle_bn must be one of"),
-        ("dim", 0, "dim must be a positive integer"),
+        ("dim", 0, "dim must be an integer from 1 to 65536"),
         ("backbone", "resnet_18", "Did you mean 'resnet18'"),
     ],
 )

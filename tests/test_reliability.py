@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import struct
@@ -774,6 +775,38 @@ def test_a_loaded_config_cannot_make_timm_build_for_minutes(tmp_path, kwargs, me
     with pytest.raises(ValueError, match=message):
         MocoModel.from_pretrained(tmp_path)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dim", 10**7, "dim must be an integer from 1 to 65536"),
+        ("dim", 5000, r"queue_size must be at most 134217728 / dim = 26843 with dim 5000"),  # K = 2^20 from the file
+        ("mlp_hidden_dim", 10**6, "mlp_hidden_dim must be an integer from 1 to 65536, or None"),
+        ("projector_layers", 200_000, "projector_layers must be an integer from 2 to 16"),
+        ("image_size", 60_000, "image_size must be an integer from 1 to 4096"),
+        ("softmax_temperature", 1e-9, r"softmax_temperature must be a number >= 0.01"),
+    ],
+)
+def test_a_loaded_config_cannot_dictate_an_allocation(tmp_path, field, value, message):
+    MocoModel(MocoConfig(backbone="resnet18", queue_size=8, dim=16)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "queue_size": 2**20, field: value}))
+    started, peak = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=f"MocoConfig.{message}"):
+        MocoModel.from_pretrained(tmp_path)
+    assert time.monotonic() - started < 30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1024**2  # KiB: under 1 GiB more than before
+
+
+def test_a_queue_that_holds_no_keys_is_refused(tmp_path):
+    MocoModel(MocoConfig(backbone="resnet18", queue_size=8, dim=16)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert torch.allclose(MocoModel.from_pretrained(tmp_path).queue, weights["queue"])  # saved keys load as they are
+    weights["queue"] = weights["queue"].to(torch.int64)  # unit vectors as integers: zeros, a row at most +-1
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"The `queue` in .* does not hold keys: row \d+ has norm 0"):
+        MocoModel.from_pretrained(tmp_path)
 
 
 def test_a_fresh_run_never_mixes_with_the_run_already_in_its_folder(small_dataset, cifar10_dir, tmp_path):
