@@ -173,8 +173,8 @@ def evaluation_rows(args: FeatureArguments) -> tuple[EvaluationRows, EvaluationR
 def check_labels(sides: tuple[EvaluationRows, ...], label_column: str, dataset_name: str) -> None:
     """Labels must be class ids, integers from 0 to MAX_CLASS_ID - 1 (the classifier has one output per id), and
     the training rows (the first side) must hold at least two classes, or every accuracy would be 100%."""
-    for side in sides:
-        labels = side.dataset[label_column]
+    labels_of_each = [side.dataset[label_column] for side in sides]  # one read of each column
+    for side, labels in zip(sides, labels_of_each, strict=True):
         bad = next((label for label in labels if not is_class_id(label)), None) if labels else "no label at all"
         if bad is not None:
             raise DataError(
@@ -182,7 +182,7 @@ def check_labels(sides: tuple[EvaluationRows, ...], label_column: str, dataset_n
                 f"(an integer from 0 to {MAX_CLASS_ID - 1:,}); give a ClassLabel column, e.g. with "
                 "`Dataset.class_encode_column`, or pass `label_column` NAME."
             )
-    classes = len(set(sides[0].dataset[label_column]))
+    classes = len(set(labels_of_each[0]))
     if classes < 2:
         raise DataError(f"{sides[0].description!r} of {dataset_name} holds a single class (column {label_column!r}): "
                         "an evaluation needs at least two.")  # fmt: skip
