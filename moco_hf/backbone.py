@@ -17,7 +17,7 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
 
 from .configuration_moco import MocoConfig
-from .modeling_moco import MocoPreTrainedModel, build_backbone
+from .modeling_moco import PRETRAINING_ONLY_KEYS, MocoPreTrainedModel, build_backbone, keep_timm_initialisation
 
 
 class MocoBackbone(BackboneMixin, MocoPreTrainedModel):
@@ -30,7 +30,7 @@ class MocoBackbone(BackboneMixin, MocoPreTrainedModel):
 
     has_attentions = False
     # A MocoModel checkpoint also holds what a backbone does not use: the head, the key encoder, the queue.
-    _keys_to_ignore_on_load_unexpected = [r"^encoder_k\.", r"^queue", r"^(encoder_q\.)?head\.", r"^predictor\."]
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_ONLY_KEYS
 
     def __init__(self, config: MocoConfig, out_indices: list[int] | None = None,
                  out_features: list[str] | None = None) -> None:  # fmt: skip
@@ -44,8 +44,7 @@ class MocoBackbone(BackboneMixin, MocoPreTrainedModel):
         self.num_features = [stage["num_chs"] for stage in self.backbone.feature_info]
         self._out_indices = self._chosen_stages(config)
         if next(self.backbone.parameters()).device.type != "meta":  # a new model, not one being loaded
-            for tensor in [*self.backbone.parameters(), *self.backbone.buffers()]:
-                tensor._is_hf_initialized = True  # keep timm's initialisation of a new backbone
+            keep_timm_initialisation(self.backbone)
         self.post_init()
 
     def _chosen_stages(self, config: MocoConfig) -> list[int]:

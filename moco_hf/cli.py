@@ -1,7 +1,7 @@
 """`moco-hf` console command: pretrain, export encoders and convert official MoCo checkpoints.
 
 moco-hf train --backbone resnet18 --image_size 32 ...   # pretrain: every flag of training/pretrain.py
-moco-hf export MODEL OUTPUT_DIR [--repo_id USER/NAME]   # query backbone in timm's format (+ model card)
+moco-hf export MODEL OUTPUT_DIR [--repo_id USER/NAME]   # query backbone (a classifier: with its head) in timm's format
 moco-hf export MODEL r50.pth --format torchvision       # ... as a torchvision ResNet state dict
 moco-hf export MODEL r50.pkl --format detectron2        # ... as detectron2 ResNet weights
 moco-hf convert official.pth.tar OUTPUT_DIR            # facebookresearch/moco -> MocoModel (save_pretrained)
@@ -23,9 +23,12 @@ from .errors import UsageError
 def export(args: argparse.Namespace) -> None:
     from .export import export_detectron2, export_encoder, export_torchvision
     from .model_card import TrainingSummary, render_model_card
-    from .modeling_moco import MocoModel
+    from .model_sources import MOCO, identify_model
+    from .modeling_moco import MocoForImageClassification, MocoModel
 
-    model = MocoModel.from_pretrained(args.model)  # one line for a folder that is not a MocoModel
+    source = identify_model(args.model, accept=(MOCO,))  # one line for a folder that is not a MocoModel
+    is_classifier = MocoForImageClassification.__name__ in (source.config.get("architectures") or [])
+    model = (MocoForImageClassification if is_classifier else MocoModel).from_pretrained(args.model)
     if args.format != "timm" and args.repo_id:
         raise UsageError("--repo_id pushes the timm format only (a Hub repo of the encoder with its model card).")
     writer = {"timm": export_encoder, "torchvision": export_torchvision, "detectron2": export_detectron2}[args.format]

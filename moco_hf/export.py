@@ -4,6 +4,7 @@ writes)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import create_repo, upload_folder
 from timm.models import save_for_hf
+from torch import nn
 
-from .modeling_moco import MocoModel
+from .modeling_moco import MocoForImageClassification, MocoModel
 
 
 def timm_reference(name_or_path: str | Path) -> str:
@@ -21,8 +23,25 @@ def timm_reference(name_or_path: str | Path) -> str:
     return f"{'local-dir' if Path(name_or_path).is_dir() else 'hf-hub'}:{name_or_path}"
 
 
-def export_encoder(model: MocoModel, save_directory: str | Path, repo_id: str | None = None, **upload_kwargs) -> Path:
-    """Save the query backbone alone in timm's Hub format, loadable without `moco_hf`.
+def timm_network(model: MocoModel | MocoForImageClassification) -> tuple[nn.Module, dict]:
+    """The timm network an export saves, and the model config fields timm records with it: a MocoModel's query
+    backbone (no classifier), or a classifier's backbone with its linear layer as timm's own head (`num_classes`,
+    `label_names`), so that timm computes the same logits."""
+    if not isinstance(model, MocoForImageClassification):
+        return model.base_model, {}
+    network = copy.deepcopy(model.base_model)
+    network.reset_classifier(model.num_labels)
+    if model.num_labels:
+        network.get_classifier().load_state_dict(model.classifier.state_dict())
+    id2label = model.config.id2label
+    return network, {"label_names": [id2label[index] for index in range(model.num_labels)]}
+
+
+def export_encoder(
+    model: MocoModel | MocoForImageClassification, save_directory: str | Path, repo_id: str | None = None,
+    **upload_kwargs
+) -> Path:  # fmt: skip
+    """Save the query backbone alone in timm's Hub format, loadable without `moco_hf` (a classifier: with its head).
 
     The folder holds `config.json` (`architecture`, `num_features`, `pretrained_cfg` with input size, mean and
     std) and `model.safetensors` (the bare timm state dict), so that `timm.create_model("hf-hub:<repo>",
@@ -46,7 +65,8 @@ def export_encoder(model: MocoModel, save_directory: str | Path, repo_id: str | 
         "crop_pct": 1.0 if size <= 64 else 0.875,
         "interpolation": "bicubic",
     }
-    save_for_hf(model.encoder_q.backbone, save_directory, safe_serialization=True, data_config=data_config)
+    network, model_config = timm_network(model)
+    save_for_hf(network, save_directory, model_config=model_config, safe_serialization=True, data_config=data_config)
     config_path = save_directory / "config.json"
     config = json.loads(config_path.read_text())
     # num_classes is a root field already; repeated in model_args it breaks AutoModel ("multiple values").
@@ -67,7 +87,7 @@ TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet1
                        "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")  # fmt: skip
 
 
-def torchvision_resnet_state_dict(model: MocoModel) -> dict[str, torch.Tensor]:
+def torchvision_resnet_state_dict(model: MocoModel | MocoForImageClassification) -> dict[str, torch.Tensor]:
     """The query backbone as the state dict of `torchvision.models.<arch>()` without its `fc` (strict load into a
     model whose `fc` is `nn.Identity()`, or into `torchvision.models.detection`'s ResNet body)."""
     config = model.config
@@ -83,7 +103,7 @@ def torchvision_resnet_state_dict(model: MocoModel) -> dict[str, torch.Tensor]:
             "this encoder has a CIFAR stem (3x3/1 conv1, no max-pool), which torchvision's and detectron2's "
             "ResNets cannot express; share the full model (save_pretrained) or use MocoBackbone in transformers."
         )
-    return {key: value.detach().clone() for key, value in model.encoder_q.backbone.state_dict().items()}
+    return {key: value.detach().clone() for key, value in model.base_model.state_dict().items()}
 
 
 def detectron2_name(key: str) -> str:
@@ -98,14 +118,14 @@ def detectron2_name(key: str) -> str:
     return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
 
 
-def export_torchvision(model: MocoModel, path: str | Path) -> Path:
+def export_torchvision(model: MocoModel | MocoForImageClassification, path: str | Path) -> Path:
     """`torch.save` of `torchvision_resnet_state_dict` (tensors only: loads with `torch.load(weights_only=True)`)."""
     path = Path(path)
     torch.save(torchvision_resnet_state_dict(model), path)
     return path
 
 
-def export_detectron2(model: MocoModel, path: str | Path) -> Path:
+def export_detectron2(model: MocoModel | MocoForImageClassification, path: str | Path) -> Path:
     """A detectron2 weights file (`MODEL.WEIGHTS`): a pickle of `{"model": {name: numpy array}, "__author__",
     "matching_heuristics": True}` with detectron2's ResNet names, BatchNorm counters left out. As with the official
     converter, train with `MODEL.RESNETS.STRIDE_IN_1X1 False` (torchvision's stride in the 3x3) and

@@ -30,7 +30,7 @@ from timm.models.resnet import ResNet
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moco import MocoConfig
@@ -262,6 +262,17 @@ def check_queue_holds_keys(queue: torch.Tensor, source: str | os.PathLike) -> No
                          "not 1 (keys are L2-normalised; was it saved with another dtype or altered?).")  # fmt: skip
 
 
+def keep_timm_initialisation(module: nn.Module) -> None:
+    """Mark a newly built timm network's tensors as initialised, so `post_init` keeps timm's own initialisation
+    (a model being loaded is built on the meta device, and its checkpoint fills these tensors instead)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor._is_hf_initialized = True
+
+
+# What a MocoModel checkpoint holds for pretraining only: models built on its query backbone leave these out.
+PRETRAINING_ONLY_KEYS = [r"^encoder_k\.", r"^queue", r"^(encoder_q\.)?head\.", r"^predictor\."]
+
+
 class MocoPreTrainedModel(PreTrainedModel):
     config_class = MocoConfig
     base_model_prefix = "encoder_q"  # the checkpoint's key prefix of the query encoder (see `MocoModel.base_model`)
@@ -279,6 +290,10 @@ class MocoPreTrainedModel(PreTrainedModel):
         `MocoModel.__init__`). When `from_pretrained` builds on the meta device, only tensors missing from the
         checkpoint reach the `transformers.initialization` functions below, which skip loaded tensors.
         """
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=0.01)  # main_lincls.py's initialisation of a new classifier
+            init.zeros_(module.bias)
+            return
         if isinstance(module, MocoModel):
             queue = F.normalize(torch.randn(module.queue.shape, device=module.queue.device), dim=1)
             init.copy_(module.queue, queue)
@@ -287,6 +302,33 @@ class MocoPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if hasattr(module, "init_non_persistent_buffers"):  # timm layers whose buffers are not in checkpoints
             module.init_non_persistent_buffers()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the config's image processor (`preprocessor_config.json`): the
+        folder then loads with `AutoImageProcessor` and the `image-feature-extraction` pipeline as it is (this also
+        holds for `push_to_hub` and `transformers.Trainer` checkpoints, which save through here)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            image_processor_for(self.config).save_pretrained(save_directory)
+
+    def _prepare_images(self, images: torch.Tensor, name: str) -> torch.Tensor:
+        """Checked (N, C, H, W) images in the model's dtype (fp32 pixels into a bf16 model, as transformers' vision
+        models accept them)."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}.")
+        if images.ndim != 4:
+            raise ValueError(
+                f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}"
+                + (" (a single image? add a batch dimension with .unsqueeze(0))" if images.ndim == 3 else "")
+                + "."
+            )
+        channels = self.config.backbone_kwargs.get("in_chans", 3)
+        if images.shape[1] != channels:
+            raise ValueError(
+                f"{name} must have {channels} channels (the backbone's in_chans), got {images.shape[1]} in shape "
+                f"{tuple(images.shape)}; convert images to RGB first (or set backbone_kwargs['in_chans'])."
+            )
+        return images.to(self.dtype) if images.is_floating_point() else images
 
 
 class MocoModel(MocoPreTrainedModel):
@@ -318,9 +360,8 @@ class MocoModel(MocoPreTrainedModel):
         if self.queue.device.type != "meta":
             # A new model: the key encoder starts as a copy of the query encoder, both with timm's init.
             self.encoder_k.load_state_dict(self.encoder_q.state_dict())
-            for encoder in (self.encoder_q, self.encoder_k):
-                for tensor in [*encoder.parameters(), *encoder.buffers()]:
-                    tensor._is_hf_initialized = True
+            keep_timm_initialisation(self.encoder_q)
+            keep_timm_initialisation(self.encoder_k)
         self.encoder_k.requires_grad_(False)  # updated by the momentum rule only
         self._has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder_q.modules())
         self.post_init()
@@ -345,14 +386,6 @@ class MocoModel(MocoPreTrainedModel):
             )
         model.encoder_k.requires_grad_(False)  # loading rebuilds parameters with requires_grad=True
         return (model, info) if wants_info else model
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """`PreTrainedModel.save_pretrained`, plus the config's image processor (`preprocessor_config.json`): the
-        folder then loads with `AutoImageProcessor` and the `image-feature-extraction` pipeline as it is (this also
-        holds for `push_to_hub` and `transformers.Trainer` checkpoints, which save through here)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            image_processor_for(self.config).save_pretrained(save_directory)
 
     @property
     def base_model(self) -> nn.Module:
@@ -532,21 +565,78 @@ class MocoModel(MocoPreTrainedModel):
             for layer in layers:
                 layer.num_splits = 1
 
-    def _prepare_images(self, images: torch.Tensor, name: str) -> torch.Tensor:
-        """Checked (N, C, H, W) images in the model's dtype (fp32 pixels into a bf16 model, as transformers' vision
-        models accept them)."""
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}.")
-        if images.ndim != 4:
-            raise ValueError(
-                f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}"
-                + (" (a single image? add a batch dimension with .unsqueeze(0))" if images.ndim == 3 else "")
-                + "."
+
+class MocoForImageClassification(MocoPreTrainedModel):
+    """The query encoder's backbone with a linear classifier on its pooled features: the model to fine-tune (or
+    probe) on labelled images after pretraining, as transformers' `XForImageClassification` models.
+
+    `from_pretrained(<a saved MocoModel>, num_labels=10, id2label=...)` loads the query backbone and starts a new
+    classifier; the key encoder, projection head and queue only serve pretraining and are left out. The loss follows
+    `config.problem_type` (single-label cross-entropy, multi-label BCE, regression MSE; inferred from the labels when
+    unset), as in transformers. The whole network trains by default (fine-tuning); `freeze_backbone()` gives the
+    linear protocol of MoCo's `main_lincls.py`.
+    """
+
+    _keys_to_ignore_on_load_unexpected = PRETRAINING_ONLY_KEYS
+    _keys_to_ignore_on_load_missing = [r"^classifier\."]  # new when loading a MocoModel: said in one line instead
+
+    def __init__(self, config: MocoConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.backbone = build_backbone(config)
+        self.classifier = nn.Linear(self.backbone.num_features, config.num_labels) if config.num_labels > 0 \
+            else nn.Identity()  # fmt: skip
+        self.backbone_frozen = False
+        if next(self.backbone.parameters()).device.type != "meta":  # a new model, not one being loaded
+            keep_timm_initialisation(self.backbone)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MocoForImageClassification:
+        check_is_moco_model(pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        if "MocoModel" in (loaded.config.architectures or []):
+            logger.warning(
+                f"Loaded the query backbone of the MocoModel in {pretrained_model_name_or_path}; its key encoder, "
+                f"projection head and queue serve pretraining only and were left out. The classifier "
+                f"({loaded.num_labels} labels) is new: train it."
             )
-        channels = self.config.backbone_kwargs.get("in_chans", 3)
-        if images.shape[1] != channels:
-            raise ValueError(
-                f"{name} must have {channels} channels (the backbone's in_chans), got {images.shape[1]} in shape "
-                f"{tuple(images.shape)}; convert images to RGB first (or set backbone_kwargs['in_chans'])."
-            )
-        return images.to(self.dtype) if images.is_floating_point() else images
+            loaded.config.architectures = [cls.__name__]
+        return model
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The timm backbone (as `MocoModel.base_model`, the network that transfers)."""
+        return self.backbone
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """The linear protocol: only the classifier trains; the backbone takes no gradient and stays in eval mode
+        (its BatchNorm statistics are not updated), as in MoCo's `main_lincls.py`. `frozen=False` undoes it."""
+        self.backbone.requires_grad_(not frozen)
+        self.backbone_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MocoForImageClassification:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(N, C, H, W)`): normalised images.
+            labels (`torch.LongTensor` of shape `(N,)`, or `torch.FloatTensor` of shape `(N, num_labels)` for
+                multi-label or regression targets, *optional*): targets; the loss follows `config.problem_type`.
+
+        Returns: [`ImageClassifierOutput`] with `logits` `(N, num_labels)` and `loss` when `labels` are given.
+        """
+        features = self.backbone(self._prepare_images(pixel_values, "pixel_values"))
+        logits = self.classifier(features)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return ImageClassifierOutput(loss=loss, logits=logits)
