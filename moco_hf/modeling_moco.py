@@ -273,6 +273,11 @@ def keep_timm_initialisation(module: nn.Module) -> None:
 PRETRAINING_ONLY_KEYS = [r"^encoder_k\.", r"^queue", r"^(encoder_q\.)?head\.", r"^predictor\."]
 
 
+# The Auto classes a saved model of the family loads with from its own copy of this module (`trust_remote_code`).
+REMOTE_CODE_AUTO_MAP = {"AutoModel": "modeling_moco.MocoModel",
+                        "AutoModelForImageClassification": "modeling_moco.MocoForImageClassification"}  # fmt: skip
+
+
 class MocoPreTrainedModel(PreTrainedModel):
     config_class = MocoConfig
     base_model_prefix = "encoder_q"  # the checkpoint's key prefix of the query encoder (see `MocoModel.base_model`)
@@ -306,7 +311,12 @@ class MocoPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained`, plus the config's image processor (`preprocessor_config.json`): the
         folder then loads with `AutoImageProcessor` and the `image-feature-extraction` pipeline as it is (this also
-        holds for `push_to_hub` and `transformers.Trainer` checkpoints, which save through here)."""
+        holds for `push_to_hub` and `transformers.Trainer` checkpoints, which save through here).
+
+        With `trust_remote_code=True` (no `moco_hf` installed), any saved model of the family loads as either model of
+        `modeling_moco.py`: `auto_map` names both, so `run_image_classification.py` can start from a MocoModel."""
+        if self._auto_class is not None:  # moco_hf registers its models for `trust_remote_code` on import
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             image_processor_for(self.config).save_pretrained(save_directory)
