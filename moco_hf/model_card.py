@@ -16,7 +16,7 @@ from transformers.utils import cached_file
 from .configuration_moco import MocoConfig
 
 TEMPLATE = files("moco_hf") / "templates" / "model_card.md"
-CardKind = Literal["model", "encoder"]
+CardKind = Literal["model", "encoder", "classifier"]
 
 
 @dataclass
@@ -85,8 +85,10 @@ def render_model_card(
     summary: TrainingSummary | None = None,
     license: str = "apache-2.0",
     location: str | None = None,
+    labels: list[str] | None = None,
 ) -> ModelCard:
-    """The README.md of a pushed `MocoModel` (`kind="model"`) or of its exported encoder (`kind="encoder"`).
+    """The README.md of a pushed `MocoModel` (`kind="model"`), of its exported encoder (`kind="encoder"`), or of an
+    exported `MocoForImageClassification` (`kind="classifier"`, with its `labels` in class order).
     `location` is where the full model's snippets load it from (default `repo_id`; the local folder when the model
     was not pushed).
 
@@ -109,11 +111,12 @@ def render_model_card(
         )
         for result in summary.results
     ]
+    task = "image-classification" if kind == "classifier" else "image-feature-extraction"
     card_data = ModelCardData(
         license=license,
-        library_name="timm" if kind == "encoder" else "transformers",
-        pipeline_tag="image-feature-extraction",
-        tags=["moco", "self-supervised", "timm", "image-feature-extraction", f"moco-{version}"],
+        library_name="transformers" if kind == "model" else "timm",
+        pipeline_tag=task,
+        tags=["moco", "self-supervised", "timm", task, f"moco-{version}"],
         datasets=[summary.dataset] if _is_hub_dataset_id(summary.dataset) else None,
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results or None,
@@ -135,6 +138,8 @@ def render_model_card(
     contents = (
         "the query encoder's backbone alone, in timm's format (`config.json` + `model.safetensors`)."
         if kind == "encoder"
+        else "the backbone and its linear classifier, in timm's format (`config.json` + `model.safetensors`)."
+        if kind == "classifier"
         else "the full `MocoModel` (query encoder, momentum key encoder, queue of negative keys) as safetensors, "
         "with its code for `trust_remote_code` loading."
     )
@@ -145,6 +150,7 @@ def render_model_card(
         repo_id=repo_id,
         location=location or repo_id,
         kind=kind,
+        labels=labels or [],
         cifar_stem=config.cifar_stem,
         summary=f"A `{config.backbone}` image encoder pretrained with MoCo {version} (self-supervised).",
         moco_version=version,

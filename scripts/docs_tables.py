@@ -79,11 +79,29 @@ def demo_epoch0() -> str:
     return "\n".join(lines)
 
 
+def low_label() -> str:
+    """CIFAR-10 classifiers on 1% and 10% of the labels, per encoder and protocol (`python -m benchmarks.low_label`)."""
+    path = RESULTS / "low_label-cpu.json"
+    if not path.exists():
+        return "*Not measured yet: `benchmarks/results/low_label-cpu.json` does not exist.*"
+    results = json.loads(path.read_text())
+    lines = ["| protocol | labels | encoder | seeds | test top-1 (mean ± sd) | gain over random (mean ± sd) |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in results["summary"]:
+        spread = f" ± {row['top1_sd']:.2f}" if row["top1_sd"] is not None else ""
+        gain = "-" if row["gain_over_random_mean"] is None else f"{row['gain_over_random_mean']:+.2f}" + (
+            f" ± {row['gain_over_random_sd']:.2f}" if row["gain_over_random_sd"] is not None else "")  # fmt: skip
+        lines.append(f"| {row['protocol']} | {row['fraction']} | {row['encoder']} | {len(row['seeds'])} | "
+                     f"{row['top1_mean']:.2f}%{spread} | {gain} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "presets": presets,
     "main-job-search": main_job_search,
     "main-job-confirm": main_job_confirm,
     "demo-epoch0": demo_epoch0,
+    "low-label": low_label,
 }
 
 

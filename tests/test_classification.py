@@ -6,6 +6,7 @@ import logging
 import pytest
 import timm
 import torch
+from doc_examples import example
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -184,3 +185,55 @@ def test_classifiers_of_every_backbone_kind_give_logits_and_timm_exports_give_th
     assert network.num_classes == 10 and network.pretrained_cfg["label_names"] == CLASS_NAMES
     with torch.no_grad():
         torch.testing.assert_close(network(cifar_tensor[:4]), logits, atol=1e-5, rtol=1e-5)
+
+
+# The Hub's `evaluate-metric/accuracy`, which `evaluate.load("accuracy")` downloads: no network in the tests, and a
+# local folder of that name comes first in `evaluate.load`'s search.
+ACCURACY_METRIC = """
+import datasets
+import evaluate
+
+
+class Accuracy(evaluate.Metric):
+    def _info(self):
+        features = datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")})
+        return evaluate.MetricInfo(description="accuracy", citation="", inputs_description="", features=features)
+
+    def _compute(self, predictions, references):
+        return {"accuracy": sum(int(p == r) for p, r in zip(predictions, references)) / len(references)}
+"""
+
+
+def test_the_docs_example_fine_tunes_evaluates_saves_and_classifies(pretrained_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "accuracy").mkdir()
+    (tmp_path / "accuracy" / "accuracy.py").write_text(ACCURACY_METRIC)
+    code = example("docs/classification.md", "classifier")
+    namespace: dict = {}
+    exec(compile(code.replace('"outputs/cifar10-resnet18/model"', f'"{pretrained_folder}"'),
+                 "docs/classification.md", "exec"), namespace)  # fmt: skip
+    metrics = namespace["trainer"].evaluate()
+    assert 0 <= metrics["eval_accuracy"] <= 1 and namespace["trainer"].state.global_step == 8  # 512 images / 64
+    predictions = namespace["classify"](namespace["test"][0]["image"])
+    assert {p["label"] for p in predictions} <= set(CLASS_NAMES) and len(predictions) == 5
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "outputs" / "cifar10-classifier")
+    assert reloaded.config.id2label == ID2LABEL
+
+
+def test_moco_hf_export_of_a_classifier_writes_timm_with_its_head_and_a_card_whose_code_runs(
+    pretrained_folder, cifar_images, tmp_path
+):
+    import re
+
+    from moco_hf.cli import main
+
+    classifier = MocoForImageClassification.from_pretrained(pretrained_folder, num_labels=10, id2label=ID2LABEL)
+    classifier.save_pretrained(tmp_path / "classifier")
+    assert main(["export", str(tmp_path / "classifier"), str(tmp_path / "timm")]) == 0
+    card = (tmp_path / "timm" / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and ", ".join(CLASS_NAMES) in card
+    (code,) = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
+    repo_id = re.search(r'"hf-hub:([^"]+)"', code).group(1)
+    namespace = {"image": cifar_images[0][0]}
+    exec(code.replace(f"hf-hub:{repo_id}", f"local-dir:{tmp_path / 'timm'}"), namespace)  # as a user pastes it
+    assert namespace["logits"].shape == (1, 10) and namespace["names"] == CLASS_NAMES
