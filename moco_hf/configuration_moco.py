@@ -76,10 +76,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sgd_momentum": 0.9,
     },
 }
-# The v3 recipe for ViTs (the official `main_moco.py` ViT settings; backbone e.g. "vit_small_patch16_224"): T=0.2,
-# a 3-layer projector, AdamW at 1.5e-4 per 256 images with weight decay 0.1, and a frozen random patch projection.
+# The v3 recipe for ViTs (the official `main_moco.py` ViT settings, on the paper's ViT-Small unless a backbone is
+# given): T=0.2, a 3-layer projector, AdamW at 1.5e-4 per 256 images with weight decay 0.1, and a frozen random patch
+# projection (a preset without a ViT would not build).
 PRESETS["v3-vit"] = {
     **PRESETS["v3"],
+    "backbone": "vit_small_patch16_224",
     "softmax_temperature": 0.2,
     "projector_layers": 3,
     "optimizer": "adamw",

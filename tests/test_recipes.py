@@ -112,3 +112,41 @@ def test_the_demos_per_epoch_cosine_gives_the_learning_rates_its_log_printed():
         for step in ((epoch - 1) * 97, epoch * 97 - 1):  # first and last step of the epoch
             lr = peak * learning_rate_factor(step, config.lr_schedule, total_steps=200 * 97, steps_per_epoch=97)
             assert round(lr, 6) == pytest.approx(printed[epoch], abs=1e-6), (epoch, step)
+
+
+@pytest.mark.parametrize("preset", ["v1", "v2", "v3", "v3-vit", "cifar10-demo"])
+def test_help_states_what_each_preset_saves(preset, tmp_path):
+    """`moco-hf train --help` names each preset's value of every flag a preset sets; a model built by the command's
+    own path (`--preset NAME`, no other flag) saves exactly those values in its config.json."""
+    import re
+
+    from moco_hf import MocoModel
+    from moco_hf.command_line import CommandLineParser
+    from moco_hf.pretraining.arguments import MocoTrainingArguments, build_config, preset_help
+    from moco_hf.pretraining.command import parse_arguments
+
+    with torch.device("meta"):  # the network as the run builds it, without its weights
+        model = MocoModel(build_config(parse_arguments(["--preset", preset])))
+    model.config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    parser = CommandLineParser(MocoTrainingArguments, help_suffix=preset_help)
+    stated = {}
+    for action in parser._actions:
+        found = re.search(r"(?:Presets|Base lr of the presets): (.*)\.$", action.help or "")
+        if found:
+            groups = dict(re.match(r"(\S+) (.*)", group).groups() for group in found[1].split(", "))
+            (value,) = [value for presets, value in groups.items() if preset in presets.split("/")]
+            stated[action.dest] = value
+    assert len(stated) == 20  # the 19 config flags and --learning_rate's base rate
+    for flag, value in stated.items():
+        expected = saved["base_learning_rate" if flag == "learning_rate" else flag]
+        if isinstance(expected, list):
+            assert [float(v) for v in value.split()] == expected, flag
+        elif isinstance(expected, bool):
+            assert value == str(expected).lower(), flag
+        elif isinstance(expected, (int, float)):
+            assert float(value) == expected, flag
+        else:
+            assert value == str(expected), flag
+    help_text = parser.format_help()
+    assert "(default: None)" not in help_text and "(preset:" not in help_text

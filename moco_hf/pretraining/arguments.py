@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
 from typing import Any, Literal
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,32 +35,27 @@ class ModelArguments:
     """The network and the MoCo algorithm (`MocoConfig` fields; None: the preset's)."""
 
     preset: Literal[PRESET_NAMES] = field(default="v2", metadata={"help": "Paper recipe (v3-vit: v3 for ViTs)."})
-    backbone: str | None = field(
-        default=None, metadata={**CONFIG, "help": "timm model name (preset's, else resnet18)."}
-    )
+    backbone: str | None = field(default=None, metadata={**CONFIG, "help": "timm model name."})
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
-    dim: int | None = field(default=None, metadata={**CONFIG, "help": "Embedding dimension (preset: 128)."})
+    dim: int | None = field(default=None, metadata={**CONFIG, "help": "Embedding dimension."})
     queue_size: int | None = field(
-        default=None, metadata={**CONFIG, "help": "K, negatives in the queue (preset: 65536)."}
+        default=None, metadata={**CONFIG, "help": "K, negatives in the queue (0: the batch's own keys)."}
     )
-    momentum: float | None = field(default=None, metadata={**CONFIG, "help": "Key encoder momentum m (preset: 0.999)."})
-    softmax_temperature: float | None = field(default=None, metadata={**CONFIG, "help": "T (preset: v1 0.07, v2 0.2)."})
-    mlp: bool | None = field(
-        default=None, metadata={**CONFIG, "help": "MLP projection head (preset: v1 no, v2 yes).", **FLAG}
+    momentum: float | None = field(default=None, metadata={**CONFIG, "help": "Key encoder momentum m."})
+    softmax_temperature: float | None = field(default=None, metadata={**CONFIG, "help": "Softmax temperature T."})
+    mlp: bool | None = field(default=None, metadata={**CONFIG, "help": "MLP projection head.", **FLAG})
+    shuffle_bn: Literal[SHUFFLE_BN_MODES] | None = field(
+        default=None,
+        metadata={**CONFIG, "help": "Shuffling BN: auto (ddp on several processes, else split), ddp, split, none."},
     )
-    shuffle_bn: Literal[SHUFFLE_BN_MODES] | None = field(default=None, metadata={**CONFIG, "help": "Preset: auto."})
-    projector_layers: int | None = field(
-        default=None, metadata={**CONFIG, "help": "Layers of the MLP head (v3 ViT: 3)."}
-    )
+    projector_layers: int | None = field(default=None, metadata={**CONFIG, "help": "Layers of the MLP head."})
     symmetric_loss: bool | None = field(
-        default=None, metadata={**CONFIG, "help": "Both views as queries (preset: v3).", **FLAG}
+        default=None, metadata={**CONFIG, "help": "Both views as queries (v3's symmetric loss).", **FLAG}
     )
     freeze_patch_embed: bool | None = field(
-        default=None, metadata={**CONFIG, "help": "v3 ViT trick: frozen patch embed.", **FLAG}
+        default=None, metadata={**CONFIG, "help": "v3 ViT trick: a random, frozen patch embedding.", **FLAG}
     )
-    num_splits: int | None = field(
-        default=None, metadata={**CONFIG, "help": "BatchNorm groups of 'split' (preset: 8)."}
-    )
+    num_splits: int | None = field(default=None, metadata={**CONFIG, "help": "BatchNorm groups of --shuffle_bn split."})
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Start from these weights: a saved MocoModel (folder or Hub id), or a timm model with "
@@ -68,7 +65,7 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the Hub model's own code to load."})
     cifar_stem: bool | None = field(
         default=None,
-        metadata={**CONFIG, "help": "ResNets on 32 px: 3x3/1 first conv, no max-pool (preset: off).", **FLAG},
+        metadata={**CONFIG, "help": "ResNets on 32 px: 3x3/1 first conv, no max-pool.", **FLAG},
     )
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm in the query encoder (many processes)."})
 
@@ -89,15 +86,13 @@ class DataArguments:
     )
     image_size: int | None = field(
         default=None,
-        metadata={**CONFIG, "help": "Crop size: 32 for CIFAR-size images (preset's, else 224 for ImageNet)."},
+        metadata={**CONFIG, "help": "Crop size (32 for CIFAR-size images)."},
     )
-    image_mean: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel mean (preset's, else "
-                                                                    "ImageNet's)."})  # fmt: skip
-    image_std: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel std (preset's, else "
-                                                                  "ImageNet's)."})  # fmt: skip
+    image_mean: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel mean."})  # fmt: skip
+    image_std: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel std."})  # fmt: skip
     augmentation: Literal[AUGMENTATIONS] | None = field(
         default=None,
-        metadata={**CONFIG, "help": "Two-crop recipe (preset's; cifar10-demo: no blur, crop scale 0.08-1)."},
+        metadata={**CONFIG, "help": "Two-crop recipe."},
     )
     dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process."})
     augment_on_device: bool = field(
@@ -133,12 +128,14 @@ class TrainArguments:
             "enqueues its keys; the learning rate scales with the effective batch."
         },
     )
-    learning_rate: float | None = field(default=None, metadata={"help": "Default: preset lr x global batch / 256."})
-    lr_schedule: Literal[LR_SCHEDULES] | None = field(default=None, metadata={**CONFIG, "help": "Preset: v1 step."})
-    optimizer: Literal[OPTIMIZERS] | None = field(
-        default=None, metadata={**CONFIG, "help": "Preset: v1/v2 sgd, v3 lars."}
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Default: the preset's base lr x global batch / 256."}
     )
-    weight_decay: float | None = field(default=None, metadata={**CONFIG, "help": "Preset: v1/v2 1e-4, v3 1e-6."})
+    lr_schedule: Literal[LR_SCHEDULES] | None = field(
+        default=None, metadata={**CONFIG, "help": "Learning-rate schedule."}
+    )
+    optimizer: Literal[OPTIMIZERS] | None = field(default=None, metadata={**CONFIG, "help": "Optimizer."})
+    weight_decay: float | None = field(default=None, metadata={**CONFIG, "help": "Weight decay."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Clip gradients to this norm."})
     num_warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warmup steps."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of all steps."})
@@ -299,3 +296,31 @@ def warmup_steps(args: MocoTrainingArguments, total_steps: int) -> int:
             raise UsageError(f"`warmup_ratio` must be in [0, 1), got {args.warmup_ratio}.")
         return int(args.warmup_ratio * total_steps)
     return args.num_warmup_steps
+
+
+@cache
+def preset_configs() -> dict[str, MocoConfig]:
+    """The config each preset builds when no flag overrides it: what its saved config.json holds."""
+    return {name: build_config(MocoTrainingArguments(preset=name)) for name in PRESETS}
+
+
+def preset_help(argument: dataclasses.Field) -> str | None:
+    """For a flag that a preset sets, its value in every preset, presets of equal value grouped ('Presets: v1/v2
+    65536, v3/v3-vit 0, cifar10-demo 4096.'); for --learning_rate, the presets' base rates. Never typed by hand."""
+    name = "base_learning_rate" if argument.name == "learning_rate" else argument.name
+    if not (argument.metadata.get("config_field") or argument.name == "learning_rate"):
+        return None
+    groups: dict[str, list[str]] = {}
+    for preset, config in preset_configs().items():
+        groups.setdefault(help_value(getattr(config, name)), []).append(preset)
+    label = "Base lr of the presets" if name == "base_learning_rate" else "Presets"
+    return f"{label}: " + ", ".join(f"{'/'.join(presets)} {value}" for value, presets in groups.items()) + "."
+
+
+def help_value(value: Any) -> str:
+    """A setting as --help shows it: numbers in their shortest form, lists space-separated, JSON for dicts."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(help_value(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..command_line import CommandLineParser, as_flags
 from ..errors import RunError, TrainingStopped, UsageError
-from .arguments import MocoTrainingArguments, without_secrets
+from .arguments import MocoTrainingArguments, preset_help, without_secrets
 from .trainer import train
 
 PUSH_FAILED = 3  # trained and saved locally; the Hub push did not happen
@@ -21,7 +21,7 @@ ARGUMENT_NAMES = frozenset(argument.name for argument in fields(MocoTrainingArgu
 
 def parse_arguments(argv: list[str]) -> MocoTrainingArguments:
     """From the command line (no abbreviations: a typo must not pick another flag) or one YAML/JSON file."""
-    return CommandLineParser(MocoTrainingArguments).parse(argv)[0]
+    return CommandLineParser(MocoTrainingArguments, help_suffix=preset_help).parse(argv)[0]
 
 
 def launcher_words() -> list[str] | None:
