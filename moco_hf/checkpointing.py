@@ -211,7 +211,9 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) 
 # same global batch, loader workers, logging, checkpointing, evaluation and Hub settings.
 MATCHING_CONFIG_FIELDS = tuple(name for name in MocoConfig.field_names() if name not in MAY_CHANGE_ON_RESUME)
 MATCHING_DATA_SETTINGS = ("dataset", "dataset_config_name", "train_split", "max_train_samples")
-MUST_MATCH = ("seed", "learning_rate", *MATCHING_DATA_SETTINGS, *MATCHING_CONFIG_FIELDS)
+MUST_MATCH = ("seed", *MATCHING_DATA_SETTINGS, *MATCHING_CONFIG_FIELDS)
+# The peak learning rate may change (lowered after a divergence, as `numerical_fault_advice` says): the schedule goes
+# on from the checkpoint's step with the new peak (`continue_schedule_with_peak`), and the change is logged.
 # How the global batch is laid out. A dataset read in `GlobalOrder` only needs the same global batch; a stream
 # (and a checkpoint from before the global order) counts its position in each process's own micro-batches.
 BATCH_LAYOUT = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
@@ -227,6 +229,10 @@ def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:
                 f"`{name}` is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "
                 f"{resume_advice(name, saved)}"
             )
+    if "learning_rate" in saved and saved["learning_rate"] != current.get("learning_rate"):
+        logger.warning("Resuming %s with `learning_rate` %s (it was trained with %s): the schedule goes on from its "
+                       "step with the new peak.", checkpoint.name, current.get("learning_rate"),
+                       saved["learning_rate"])  # fmt: skip
     layout = {name: (saved.get(name), current.get(name)) for name in BATCH_LAYOUT}
     if global_order and any(old != new for old, new in layout.values()):
         logger.warning(

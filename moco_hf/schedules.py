@@ -48,3 +48,14 @@ def learning_rate_scheduler(
     factor = partial(learning_rate_factor, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps,
                      steps_per_epoch=steps_per_epoch)  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def continue_schedule_with_peak(optimizer: torch.optim.Optimizer, scheduler, learning_rate: float) -> None:
+    """Give a restored `LambdaLR` (and its optimizer) the peak `learning_rate` from its current step on: the rate of
+    every parameter group becomes `learning_rate` times the schedule's factor at that step."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper holds the LambdaLR
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    rates = [learning_rate * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["initial_lr"], group["lr"] = learning_rate, rate
+    scheduler._last_lr = rates  # what get_last_lr() reports until the next step

@@ -33,7 +33,7 @@ from ..hub_upload import HubPublisher, remove_snapshots
 from ..knn import KnnMonitor, KnnSplits
 from ..modeling_moco import MocoModel
 from ..optimization import build_optimizer
-from ..schedules import learning_rate_scheduler
+from ..schedules import continue_schedule_with_peak, learning_rate_scheduler
 from ..warm_start import load_pretrained_weights
 from .arguments import MocoTrainingArguments, build_config, recorded_settings, trackers, warmup_steps
 from .data_plan import DataPlan, build_augmentation, plan_data
@@ -241,6 +241,8 @@ def start_run(run: Run) -> tuple[Run, TrainerState]:
         remove_snapshots(run.output_dir)
     settings = run_settings(run.config, run.plan, args, run.learning_rate, accelerator.num_processes)
     state = resume(args, run.output_dir, accelerator, settings)
+    if state.completed_steps:  # a resume: the schedule goes on with this run's peak (the same, or a changed one)
+        continue_schedule_with_peak(run.optimizer, run.scheduler, run.learning_rate)
     run.seconds_before = state.training_seconds
     if args.knn_monitor:
         run.knn = build_knn_monitor(run.config, args, run.plan.dataset_name, accelerator)
