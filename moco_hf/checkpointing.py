@@ -268,6 +268,7 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
     return TrainerState.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
 
 
+LOCK_FILE = ".lock"
 # What a finished or interrupted run leaves in its output folder (the trackers' folder aside).
 RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "results.json", "run_config.json", "knn_curve.json",
              "knn_curve.png", "training_curves.png")  # fmt: skip
@@ -297,9 +298,27 @@ def clear_or_refuse_previous_run(output_dir: Path, overwrite: bool) -> None:
                    output_dir)  # fmt: skip
 
 
+def refuse_symbolic_links(output_dir: Path) -> None:
+    """The run writes, replaces and deletes only regular files and folders of its own: an entry it would touch that
+    is a symbolic link (planted to make it overwrite or delete a file elsewhere) is refused in one line, before any
+    write. The output folder itself may be a link (a folder on another disk)."""
+    entries = [output_dir / name for name in (LOCK_FILE, *RUN_FILES)]
+    for folder in (output_dir / "checkpoints", output_dir / "model"):
+        if folder.is_dir() and not folder.is_symlink():
+            entries += [*folder.iterdir(), *(folder / ABANDONED_DIR).glob("*")]
+    for entry in entries:
+        if entry.is_symlink():
+            raise UsageError(
+                f"{entry} is a symbolic link (to {os.readlink(entry)}): a run writes only its own files inside "
+                "`output_dir`, never through a link; remove the link or choose another folder."
+            )
+
+
 def check_output_dir(output_dir: Path, model: torch.nn.Module, limit: int | None) -> None:
-    """Fail before training when the output folder cannot be written or cannot hold one checkpoint (counting the
-    space of those that the next save rotates away first, with `limit`)."""
+    """Fail before training when the output folder holds a symbolic link where the run writes, cannot be written or
+    cannot hold one checkpoint (counting the space of those that the next save rotates away first, with
+    `limit`)."""
+    refuse_symbolic_links(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
@@ -382,7 +401,10 @@ class OutputDirLock:
 
     def __init__(self, output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (output_dir / ".lock").open("a+")
+        refuse_symbolic_links(output_dir)
+        # O_NOFOLLOW: a link planted after the check above still cannot redirect the PID written below.
+        descriptor = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.file = os.fdopen(descriptor, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

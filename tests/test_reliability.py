@@ -384,8 +384,8 @@ def test_numerical_fault_stops_the_run_and_keeps_the_last_good_checkpoint(small_
 
 def test_the_resume_the_divergence_advice_names_is_accepted_with_the_lower_learning_rate(small_dataset, tmp_path,
                                                                                        caplog):  # fmt: skip
-    """The advice "lower `learning_rate` ... and resume from it" holds: the resume takes the new peak, and the cosine goes on from the
-    checkpoint's step with it (hand-computed: peak x (1 + cos(pi * step / total)) / 2)."""
+    """The advice "lower `learning_rate` ... and resume from it" holds: the resume takes the new peak, and the cosine
+    goes on from the checkpoint's step with it (hand-computed: peak x (1 + cos(pi * step / total)) / 2)."""
     import math
 
     out = tmp_path / "run"
@@ -687,6 +687,39 @@ def test_checkpoint_that_does_not_match_its_config_names_the_field(tmp_path):
 
 
 # ---- 5. disk and permissions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "planted, resume",
+    [(".lock", False), ("run_config.json", True), ("checkpoints", False), ("checkpoints/step_2", True)],
+    ids=["lock", "run_config on resume", "checkpoints with overwrite", "a checkpoint on resume"],
+)
+def test_a_symbolic_link_in_the_output_folder_is_refused_and_its_target_untouched(small_dataset, tmp_path, planted,
+                                                                                  resume):  # fmt: skip
+    """A link planted where the run writes, replaces or deletes would make it write (or delete) a file elsewhere:
+    the PID into the lock's target, the settings into run_config.json's, rmtree through checkpoints/."""
+    out = tmp_path / "run"
+    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--checkpointing_steps", "2", "--max_train_steps",
+            "2", "--no_knn_monitor", "--output_dir", str(out)]  # fmt: skip
+    if resume:
+        assert run_pretrain(*args).returncode == 0
+    target = tmp_path / "elsewhere"
+    if planted.startswith("checkpoints"):
+        target.mkdir()
+        (target / "precious.txt").write_text("keep me")
+    else:
+        target.write_text("keep me")
+    link = out / planted
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.exists():
+        shutil.rmtree(link) if link.is_dir() else link.unlink()
+    link.symlink_to(target)
+    extra = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"]
+    result = run_pretrain(*args, *extra)
+    assert result.returncode == 2 and "is a symbolic link" in one_line_error(result) and planted in one_line_error(
+        result)  # fmt: skip
+    assert (target / "precious.txt" if target.is_dir() else target).read_text() == "keep me"
+    assert link.is_symlink()
 
 
 @pytest.fixture
