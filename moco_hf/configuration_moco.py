@@ -20,6 +20,7 @@ MAX_BACKBONE_INT, MAX_BACKBONE_DEPTH = 2**16, 1000
 # The same for the sizes MoCo itself allocates: embedding and hidden widths, head depth, input size, and the queue as
 # a whole (K x dim fp32 numbers: 2^27 is 512 MiB, the papers' 65536 x 128 is 2^23).
 MAX_WIDTH, MAX_HEAD_LAYERS, MAX_IMAGE_SIZE, MAX_QUEUE_NUMBERS = 2**16, 16, 4096, 2**27
+MIN_IMAGE_SIZE = 8  # the views' 3x3 blur needs more than its padding; ResNets reduce 32x (to 1x1 at 32 px)
 MIN_TEMPERATURE = 0.01  # the papers use 0.07-1; below this the logits (cosine / T) overflow and the loss is noise
 
 # The papers' recipes. Model fields shape the network and the loss; the trainer reads the others.
@@ -329,8 +330,8 @@ class MocoConfig(PretrainedConfig):
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
         _check(self.shuffle_bn in SHUFFLE_BN_MODES, "shuffle_bn", self.shuffle_bn, f"one of {SHUFFLE_BN_MODES}")
         _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
-        ok = _is_int(self.image_size) and 0 < self.image_size <= MAX_IMAGE_SIZE
-        _check(ok, "image_size", self.image_size, f"an integer from 1 to {MAX_IMAGE_SIZE}")
+        ok = _is_int(self.image_size) and MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE
+        _check(ok, "image_size", self.image_size, f"an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             _check(len(value) == 3 and all(_is_number(v) for v in value), name, value, "3 numbers (one per channel)")

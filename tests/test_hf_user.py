@@ -94,6 +94,7 @@ def test_save_to_disk_folders_small_batches_and_no_monitor(small_dataset, tmp_pa
     [
         (["--eval_split", "train"], "the kNN bank and queries are both split 'train': every query would find itself"),
         (["--per_device_train_batch_size", "1"], "--per_device_train_batch_size must be at least 2"),
+        (["--image_size", "1"], "MocoConfig.image_size must be an integer from 8 to 4096, got 1"),
     ],
 )
 def test_unusable_settings_stop_before_any_work(small_dataset, tmp_path, extra, message):
