@@ -229,10 +229,10 @@ def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:
                 f"`{name}` is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "
                 f"{resume_advice(name, saved)}"
             )
-    if "learning_rate" in saved and saved["learning_rate"] != current.get("learning_rate"):
+    old_rate, new_rate = saved.get("learning_rate"), current.get("learning_rate")
+    if old_rate is not None and old_rate != new_rate:
         logger.warning("Resuming %s with `learning_rate` %s (it was trained with %s): the schedule goes on from its "
-                       "step with the new peak.", checkpoint.name, current.get("learning_rate"),
-                       saved["learning_rate"])  # fmt: skip
+                       "step with the new peak.", checkpoint.name, new_rate, old_rate)  # fmt: skip
     layout = {name: (saved.get(name), current.get(name)) for name in BATCH_LAYOUT}
     if global_order and any(old != new for old, new in layout.values()):
         logger.warning(

@@ -1,6 +1,7 @@
-"""`moco-hf` console command: pretrain, export encoders and convert official MoCo checkpoints.
+"""`moco-hf` console command: pretrain, evaluate, export encoders and convert official MoCo checkpoints.
 
 moco-hf train --backbone resnet18 --image_size 32 ...   # pretrain: every flag of training/pretrain.py
+moco-hf evaluate knn --model_name_or_path MODEL         # weighted kNN of a frozen encoder (linear: a linear probe)
 moco-hf export MODEL OUTPUT_DIR [--repo_id USER/NAME]   # query backbone (a classifier: with its head) in timm's format
 moco-hf export MODEL r50.pth --format torchvision       # ... as a torchvision ResNet state dict
 moco-hf export MODEL r50.pkl --format detectron2        # ... as detectron2 ResNet weights
@@ -67,11 +68,31 @@ def convert(args: argparse.Namespace) -> None:
     print(f"Converted {args.source} -> {args.output} ({args.to} layout)")
 
 
+def evaluate(argv: list[str]) -> int:
+    """`moco-hf evaluate knn|linear FLAGS`: the protocol's own parser takes the flags."""
+    protocols = ("knn", "linear")
+    if argv[:1] in (["-h"], ["--help"]) or not argv:
+        usage = ("usage: moco-hf evaluate {knn,linear} [--help] FLAGS\n\n"
+                 "  knn     weighted kNN top-1 of a frozen encoder's features\n"
+                 "  linear  a linear classifier on them (top-1, top-5)")  # fmt: skip
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in protocols:
+        print(f"error: moco-hf evaluate takes knn or linear, got {argv[0]!r} (see moco-hf evaluate --help).",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from .evaluation_command import main as evaluation_main
+
+    return evaluation_main(argv[1:], argv[0], program=f"moco-hf evaluate {argv[0]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moco-hf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     # Listed here for --help; `main` hands its arguments to the pretraining command's own parser.
     commands.add_parser("train", add_help=False, help="Pretrain a MoCo model (moco-hf train --help for the flags).")
+    commands.add_parser("evaluate", add_help=False, help="Evaluate a frozen encoder: knn or linear (moco-hf "
+                        "evaluate knn --help for the flags).")  # fmt: skip
 
     export_parser = commands.add_parser("export", help="Export the query backbone (timm, torchvision, detectron2).")
     export_parser.add_argument("model", help="A MocoModel folder or Hub repo id.")
@@ -101,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         from .pretraining import main as pretrain
 
         return pretrain(argv[1:], program="moco-hf train")
+    if argv[:1] == ["evaluate"]:
+        return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
     from .convert import CheckpointError
 

@@ -1,7 +1,7 @@
 """Frozen encoder features of a labelled `datasets` split, extracted once and cached as safetensors.
 
-The library side of `training/knn_eval.py` and `training/linear_eval.py`. The encoder is either a `MocoModel` (its
-query backbone) or an encoder exported in timm's format (`moco-hf export`), from a local folder or the Hub;
+The library side of `moco-hf evaluate knn|linear` (`moco_hf.evaluation_command`). The encoder is either a `MocoModel`
+(its query backbone) or an encoder exported in timm's format (`moco-hf export`), from a local folder or the Hub;
 `random_init` gives the same architecture with fresh weights, the baseline a pretraining must beat, with its BatchNorm
 statistics calibrated on training images first (`moco_hf.batch_norm_calibration`).
 """
@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -25,7 +23,6 @@ from tqdm.auto import tqdm
 
 from .augmentation import build_two_crops, evaluation_transform
 from .batch_norm_calibration import BATCH_NORM_CALIBRATION_IMAGES, calibrate_batch_norm, describe_random_baseline
-from .command_line import CommandLineParser, as_flags
 from .configuration_moco import MocoConfig
 from .data import (
     default_dataset_name,
@@ -254,45 +251,3 @@ def prepare_output_dir(output: Path) -> Path:
 
 
 Split = tuple[torch.Tensor, torch.Tensor]  # L2-normalised features (N, F) and labels (N,)
-
-
-def evaluation_main(
-    argv: list[str] | None,
-    protocol_arguments: type,
-    name: str,
-    evaluate: Callable[[Split, Split, int, Any, int], dict[str, float]],
-) -> int:
-    """The `main` of `knn_eval.py` / `linear_eval.py`: parse the arguments, extract (or reuse) the features of both
-    splits, `evaluate(train, eval, num_classes, protocol_args, seed)`, print and write `<name>_results.json`."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    names = {argument.name for argument in (*fields(FeatureArguments), *fields(protocol_arguments))}
-    try:
-        parser = CommandLineParser((FeatureArguments, protocol_arguments))
-        args, protocol_args = parser.parse(sys.argv[1:] if argv is None else argv)
-        output = prepare_output_dir(Path(args.output_dir))
-        train_rows, eval_rows = evaluation_rows(args)
-        encoder = load_encoder(args.model_name_or_path, args.random_init, args.seed)
-        if args.random_init:
-            encoder = calibrate_random_encoder(args, encoder, train_rows.dataset)
-        train = split_features(args, encoder, train_rows, args.max_train_samples)
-        evaluation = split_features(args, encoder, eval_rows, args.max_eval_samples)
-    except UsageError as error:
-        print(f"error: {as_flags(str(error), names)}", file=sys.stderr)
-        return 2
-    num_classes = int(max(train[1].max(), evaluation[1].max())) + 1
-    metrics = evaluate(train, evaluation, num_classes, protocol_args, args.seed)
-    results = {
-        "encoder": encoder.description,
-        "protocol": name,
-        "feature": args.feature,
-        **metrics,
-        "train_samples": train[0].shape[0],
-        "eval_samples": evaluation[0].shape[0],
-        "train_rows": train_rows.description,
-        "eval_rows": eval_rows.description,
-        "settings": {**asdict(args), **asdict(protocol_args)},
-    }
-    (output / f"{name}_results.json").write_text(json.dumps(results, indent=2))
-    scores = ", ".join(f"{metric} {value:.2f}%" for metric, value in metrics.items())
-    print(f"{scores} on {eval_rows.description} ({evaluation[0].shape[0]} images) for {encoder.description}")
-    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -284,3 +284,23 @@ class KnnMonitor:
             name: knn_accuracy(bank[name], bank_labels, queries[name], query_labels, num_classes, k, temperature)
             for name in KNN_FEATURES
         }
+
+
+@dataclass
+class KnnArguments:
+    """The weighted kNN protocol of `moco-hf evaluate knn` (Wu et al. 2018; k=200, T=0.1 as in the MoCo CIFAR demo)."""
+
+    knn_k: int = field(default=200, metadata={"help": "Neighbours that vote."})
+    knn_temperature: float = field(default=0.1, metadata={"help": "Votes are weighted by exp(similarity / T)."})
+
+    def __post_init__(self) -> None:
+        if self.knn_k < 1:  # no neighbour votes: the "accuracy" would be argmax of zeros, class 0
+            raise UsageError(f"`knn_k` must be at least 1, got {self.knn_k}.")
+        if not self.knn_temperature > 0:
+            raise UsageError(f"`knn_temperature` must be > 0, got {self.knn_temperature}.")
+
+
+def knn_protocol(train: tuple[torch.Tensor, torch.Tensor], evaluation: tuple[torch.Tensor, torch.Tensor],
+                 num_classes: int, args: KnnArguments, seed: int) -> dict[str, float]:  # fmt: skip
+    """Weighted kNN top-1 of the evaluation features (N, F) and labels against the training ones (the bank)."""
+    return {"knn_top1": knn_accuracy(*train, *evaluation, num_classes, args.knn_k, args.knn_temperature)}

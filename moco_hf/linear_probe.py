@@ -84,3 +84,11 @@ def top_k_accuracies(classifier: nn.Module, features: torch.Tensor, labels: torc
         for k in ks
         if k <= logits.shape[1]
     }
+
+
+def linear_protocol(train: tuple[torch.Tensor, torch.Tensor], evaluation: tuple[torch.Tensor, torch.Tensor],
+                    num_classes: int, args: LinearArguments, seed: int) -> dict[str, float]:  # fmt: skip
+    """A linear classifier trained on the training features (N, F) and labels; its top-1/top-5 on the evaluation
+    ones, in percent."""
+    classifier = train_linear_classifier(*train, num_classes, args, seed)
+    return {f"linear_{name}": value for name, value in top_k_accuracies(classifier, *evaluation).items()}

@@ -78,18 +78,16 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
 
 def our_flags() -> set[str]:
-    """Every option of `moco-hf train` (= training/pretrain.py), knn_eval.py, linear_eval.py, export, convert and the
+    """Every option of `moco-hf train` (= training/pretrain.py), `evaluate knn|linear`, export, convert and the
     benchmarks."""
-    import runpy
-
     from moco_hf.cli import build_parser
     from moco_hf.command_line import CommandLineParser
     from moco_hf.evaluation import FeatureArguments
+    from moco_hf.knn import KnnArguments
     from moco_hf.linear_probe import LinearArguments
     from moco_hf.pretraining import MocoTrainingArguments
 
-    knn_arguments = runpy.run_path(str(REPO_ROOT / "training" / "knn_eval.py"), run_name="knn_eval")["KnnArguments"]
-    parsers = [CommandLineParser(MocoTrainingArguments), CommandLineParser((FeatureArguments, knn_arguments)),
+    parsers = [CommandLineParser(MocoTrainingArguments), CommandLineParser((FeatureArguments, KnnArguments)),
                CommandLineParser((FeatureArguments, LinearArguments))]  # fmt: skip
     subcommands = build_parser()._subparsers._group_actions[0].choices.values()
     options = {option for parser in (*parsers, *subcommands) for option in parser._option_string_actions}

@@ -114,6 +114,25 @@ def test_evaluation_commands_on_real_images(script, exported, random_moco, datas
     assert "of split 'train'" not in test_run.stderr
 
 
+@pytest.mark.parametrize("protocol", ["knn", "linear"])
+def test_moco_hf_evaluate_is_the_scripts_command(protocol, random_moco, dataset_with_seen_queries, tmp_path, capsys):
+    """`moco-hf evaluate knn|linear` (the installed command, no repository needed) prints and writes what
+    training/knn_eval.py and linear_eval.py do, from the same arguments."""
+    from moco_hf.cli import main
+
+    args = ["--model_name_or_path", str(random_moco), "--dataset_name", str(dataset_with_seen_queries),
+            "--eval_split", "validation", *(["--knn_k", "5"] if protocol == "knn" else ["--epochs", "3"])]  # fmt: skip
+    assert main(["evaluate", protocol, *args, "--output_dir", str(tmp_path / "command")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    script = run_in_process(REPO_ROOT / "training" / f"{protocol}_eval.py", *args, "--output_dir", str(tmp_path / "s"))
+    assert script.returncode == 0 and script.stdout.strip().splitlines()[-1] == printed
+    from_command, from_script = (json.loads((tmp_path / folder / f"{protocol}_results.json").read_text())
+                                 for folder in ("command", "s"))  # fmt: skip
+    assert {k: v for k, v in from_command.items() if k != "settings"} == \
+        {k: v for k, v in from_script.items() if k != "settings"}  # fmt: skip
+    assert main(["evaluate", "svm"]) == 2 and "takes knn or linear" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def train_only(small_dataset, tmp_path_factory):
     """small_dataset's training shards alone: a folder with no test split, as users' folders often are."""

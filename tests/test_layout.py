@@ -77,12 +77,15 @@ def test_the_commands_import_the_library_not_each_other():
         assert not {m for m in modules if m.split(".")[0] in ("training", "pretrain", "knn_eval", "linear_eval")}
 
 
-def test_the_pretraining_script_is_a_thin_command_over_the_library():
-    script = (COMMANDS / "pretrain.py").read_text()
-    assert len(script.splitlines()) < 80 and "from moco_hf.pretraining import main" in script
+def test_the_scripts_are_thin_commands_over_the_library():
+    for name, entry in (("pretrain", "moco_hf.pretraining"), ("knn_eval", "moco_hf.evaluation_command"),
+                        ("linear_eval", "moco_hf.evaluation_command")):  # fmt: skip
+        script = (COMMANDS / f"{name}.py").read_text()
+        assert len(script.splitlines()) < 30 and f"from {entry} import main" in script, name
 
 
-COMMAND_LINE_MODULES = {"moco_hf/cli.py", "moco_hf/command_line.py", "moco_hf/pretraining/command.py"}
+COMMAND_LINE_MODULES = {"moco_hf/cli.py", "moco_hf/command_line.py", "moco_hf/evaluation_command.py",
+                        "moco_hf/pretraining/command.py"}  # fmt: skip
 
 
 def test_the_library_raises_errors_in_its_own_terms_and_the_commands_name_flags():
