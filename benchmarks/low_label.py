@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -202,6 +203,9 @@ def run(folders: dict[str, Path], seeds: list[int], protocols: list[str]) -> Non
                 **{name: str(folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder)
                    for name, folder in folders.items()}}}  # fmt: skip
     results = load()
+    settings["encoders"] = {**results.get("settings", {}).get("encoders", {}), **settings["encoders"]}
+    command = " ".join(["python -m benchmarks.low_label", *sys.argv[1:]])
+    results["commands"] = [*dict.fromkeys([*results.get("commands", []), command])]
     done = {(row["protocol"], row["fraction"], row["encoder"], row["seed"]) for row in results["rows"]}
 
     def record(protocol: str, fraction: str, encoder: str, seed: int, top1: float, seconds: float) -> None:

@@ -133,6 +133,38 @@ def test_bad_arguments_stop_with_one_clear_line(small_dataset, tmp_path, extra, 
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--per_device_train_batch_size", "1"], "--per_device_train_batch_size must be at least 2"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1, got 0"),
+        (["--checkpointing_steps", "0"], "--checkpointing_steps must be at least 1, got 0"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1, got 0"),
+        (["--logging_steps", "0"], "--logging_steps must be at least 1, got 0"),
+        (["--knn_k", "0"], "--knn_k must be at least 1, got 0"),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be > 0, got 0"),
+        (["--knn_temperature", "-0.1"], "--knn_temperature must be > 0, got -0.1"),
+        (["--max_grad_norm", "0"], "--max_grad_norm must be > 0, got 0.0"),
+        (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1), got 1.5"),
+        (["--create_pr", "--hub_revision", "dev"], "--create_pr opens a pull request against the default branch"),
+        (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "--overwrite_output_dir would delete"),
+        (["--queue_size", "-1"], "MocoConfig.queue_size must be an integer >= 0"),
+        (["--softmax_temperature", "0.001"], "MocoConfig.softmax_temperature must be"),
+        (["--preset", "v3", "--shuffle_bn", "banana"], "invalid choice: 'banana'"),
+    ],
+)
+def test_settings_are_checked_before_any_data_or_output_folder_is_touched(tmp_path, extra, message):
+    """A dataset that does not exist and an output folder that does not exist yet: the error must be the setting's,
+    and the folder still absent (nothing opened, nothing written)."""
+    out = tmp_path / "never-written"
+    result = run_pretrain("--dataset_name", str(tmp_path / "no-such-dataset"), "--output_dir", str(out), *extra)
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "speed_flags",

@@ -197,19 +197,44 @@ class MocoTrainingArguments(TrainArguments, DataArguments, ModelArguments):
     take the preset's value (`MocoConfig.from_preset`), and the config saved with the model records the result."""
 
     def __post_init__(self) -> None:
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise UsageError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
+        """Every check that needs no data and no model, run when the arguments are made (the command, `train` and
+        the Python API alike): one `UsageError` naming the setting, before anything is opened or written."""
+        for name, (least, reason) in AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise UsageError(f"`{name}` must be at least {least}{reason}, got {value}.")
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"`{name}` must be > 0, got {value}.")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise UsageError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}.")
+        if self.create_pr and self.hub_revision:
+            raise UsageError("`create_pr` opens a pull request against the default branch; drop `hub_revision`.")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise UsageError("`overwrite_output_dir` would delete the checkpoints `resume_from_checkpoint` resumes "
+                             "from: pass one of them.")  # fmt: skip
+        build_config(self)  # the model's settings: ranges, and presets against explicit fields
         missing = [name for name in (trackers(self) or "").split(",") if name not in ("", "all")
                    and not tracker_installed(name.strip())]  # fmt: skip
         if missing:
             raise UsageError(f"`report_to` names {', '.join(missing)}, which is not installed here: `pip install "
                              f"{' '.join(missing)}` (tensorboard also comes with `pip install 'moco-hf[tracking]'`), "
                              "or pass `report_to` none.")  # fmt: skip
-        if self.batch_norm_calibration_images < 1:
-            raise UsageError(
-                "`batch_norm_calibration_images` must be at least 1 (the random encoder's kNN is "
-                f"measured with calibrated BatchNorm), got {self.batch_norm_calibration_images}."
-            )
+
+
+# Lower bounds of the integer settings, with why where it is not obvious.
+AT_LEAST: dict[str, tuple[int, str]] = {
+    "per_device_train_batch_size": (2, ": BatchNorm cannot normalise one image"),
+    "gradient_accumulation_steps": (1, ""), "max_train_steps": (1, ""), "max_train_samples": (1, ""),
+    "num_warmup_steps": (0, ""), "checkpointing_steps": (1, ""), "checkpoints_total_limit": (1, ""),
+    "logging_steps": (1, ""), "dataloader_num_workers": (0, ""), "shuffle_buffer_size": (1, ""),
+    "knn_k": (1, ""), "knn_max_train_samples": (1, ""), "knn_max_eval_samples": (1, ""),
+    "per_device_eval_batch_size": (1, ""), "hub_wait_seconds": (0, ""),
+    "batch_norm_calibration_images": (1, " (the random encoder's kNN is measured with calibrated BatchNorm)"),
+}  # fmt: skip
+POSITIVE = ("learning_rate", "num_train_epochs", "stop_after_epochs", "max_train_minutes", "eval_every",
+            "knn_temperature", "max_grad_norm")  # fmt: skip
 
 
 # Never written to a file, a tracker or a log (as HF_TOKEN from the environment never is).
@@ -291,9 +316,7 @@ def trackers(args: MocoTrainingArguments) -> str | None:
 
 
 def warmup_steps(args: MocoTrainingArguments, total_steps: int) -> int:
-    if args.warmup_ratio is not None:
-        if not 0 <= args.warmup_ratio < 1:
-            raise UsageError(f"`warmup_ratio` must be in [0, 1), got {args.warmup_ratio}.")
+    if args.warmup_ratio is not None:  # in [0, 1): checked with the arguments
         return int(args.warmup_ratio * total_steps)
     return args.num_warmup_steps
 

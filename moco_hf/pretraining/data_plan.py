@@ -61,8 +61,6 @@ def plan_data(args: MocoTrainingArguments, accelerator: Accelerator) -> DataPlan
     rows = dataset_rows(train_set)
     if args.max_train_samples is not None:  # a stream's `take` keeps the whole split's length in its info
         rows = min(rows or args.max_train_samples, args.max_train_samples)
-    if micro_batch < 2:
-        raise UsageError("`per_device_train_batch_size` must be at least 2: BatchNorm cannot normalise one image.")
     if rows is not None and rows < global_batch:
         raise DataError(
             f"the global batch ({micro_batch} per process x {world} processes x "

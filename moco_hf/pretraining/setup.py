@@ -246,8 +246,6 @@ def start_run(run: Run) -> tuple[Run, TrainerState]:
     run.seconds_before = state.training_seconds
     if args.knn_monitor:
         run.knn = build_knn_monitor(run.config, args, run.plan.dataset_name, accelerator)
-    if args.create_pr and args.hub_revision:
-        raise UsageError("`create_pr` opens a pull request against the default branch; drop `hub_revision`.")
     run.repo_id = args.hub_model_id or run.output_dir.resolve().name  # also the model card's title
     if args.push_to_hub and accelerator.is_main_process:
         run.publisher = HubPublisher(run.repo_id, args.hub_token, args.hub_private_repo, args.hub_revision,
