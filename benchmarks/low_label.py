@@ -17,8 +17,14 @@ settings above were fixed before any run from the usual CIFAR ResNet recipe and 
 the test images (nor at any held-out split: there was none to make). Results go to `results/low_label-cpu.json`
 after every run (a rerun skips the rows it has) and `plot` draws `results/low_label-cpu.png`.
 
-    bash scripts/pretrain.sh --output_dir outputs/main-job --seed 0      # the main job's encoder
-    python -m benchmarks.low_label run --encoder main-job=outputs/main-job/model --seeds 0 1 2
+The encoders of `results/low_label-cpu.json` (its `commands` list the runs): the main job of
+`python -m benchmarks.main_job_recipe confirm` (seed 0) and its learning-rate-1e-12 control, and
+`python training/pretrain.py --preset cifar10-demo --num_train_epochs 4 --mixed_precision bf16
+--output_dir outputs/low_label/cifar10-demo-4ep` (the demo's per-epoch cosine: its 4th epoch runs at lr 0). Then
+
+    python -m benchmarks.low_label run --encoder main-job=M --encoder cifar10-demo-4ep=D --encoder control=C \\
+        --protocols linear
+    python -m benchmarks.low_label run --encoder main-job=M --encoder cifar10-demo-4ep=D --protocols finetune
     python -m benchmarks.low_label plot
 """
 
