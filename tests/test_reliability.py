@@ -838,7 +838,7 @@ def test_a_loaded_config_cannot_make_timm_build_for_minutes(tmp_path, kwargs, me
         ("dim", 5000, r"queue_size must be at most 134217728 / dim = 26843 with dim 5000"),  # K = 2^20 from the file
         ("mlp_hidden_dim", 10**6, "mlp_hidden_dim must be an integer from 1 to 65536, or None"),
         ("projector_layers", 200_000, "projector_layers must be an integer from 2 to 16"),
-        ("image_size", 60_000, "image_size must be an integer from 1 to 4096"),
+        ("image_size", 60_000, "image_size must be an integer from 8 to 4096"),
         ("softmax_temperature", 1e-9, r"softmax_temperature must be a number >= 0.01"),
     ],
 )

@@ -74,7 +74,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(small_dataset, tmp_
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--image_size", "0"], "error: MocoConfig.image_size must be an integer from 1 to 4096, got 0."),
+        (["--image_size", "0"], "error: MocoConfig.image_size must be an integer from 8 to 4096, got 0."),
         (["--backbone", "resnet19"], "error: MocoConfig.backbone 'resnet19' is not a timm model. Did you mean"),
         (
             ["--lerning_rate", "0.1"],
