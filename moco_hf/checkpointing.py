@@ -401,8 +401,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        refuse_symbolic_links(output_dir)
-        # O_NOFOLLOW: a link planted after the check above still cannot redirect the PID written below.
+        # O_NOFOLLOW: a link planted after `check_output_dir` still cannot redirect the PID written below.
         descriptor = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         self.file = os.fdopen(descriptor, "a+")
         try:

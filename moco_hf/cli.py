@@ -42,9 +42,8 @@ def export(args: argparse.Namespace) -> None:
         return
     repo_id = args.repo_id or f"<your-username>/{output.resolve().name}"  # the snippets name a repo to push to
     summary = TrainingSummary.load(args.model)  # the run's data, results and settings, when the trainer saved them
-    labels = [model.config.id2label[index] for index in range(model.config.num_labels)] if is_classifier else None
     render_model_card(model.config, repo_id, kind="classifier" if is_classifier else "encoder", summary=summary,
-                      labels=labels).save(output / "README.md")  # fmt: skip
+                      labels=model.label_names if is_classifier else None).save(output / "README.md")  # fmt: skip
     if args.repo_id:
         from huggingface_hub import create_repo, upload_folder
 

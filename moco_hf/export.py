@@ -33,8 +33,7 @@ def timm_network(model: MocoModel | MocoForImageClassification) -> tuple[nn.Modu
     network.reset_classifier(model.num_labels)
     if model.num_labels:
         network.get_classifier().load_state_dict(model.classifier.state_dict())
-    id2label = model.config.id2label
-    return network, {"label_names": [id2label[index] for index in range(model.num_labels)]}
+    return network, {"label_names": model.label_names}
 
 
 def export_encoder(

@@ -620,6 +620,11 @@ class MocoForImageClassification(MocoPreTrainedModel):
         """The timm backbone (as `MocoModel.base_model`, the network that transfers)."""
         return self.backbone
 
+    @property
+    def label_names(self) -> list[str]:
+        """The class names in output order (`config.id2label`)."""
+        return [self.config.id2label[index] for index in range(self.num_labels)]
+
     def freeze_backbone(self, frozen: bool = True) -> None:
         """The linear protocol: only the classifier trains; the backbone takes no gradient and stays in eval mode
         (its BatchNorm statistics are not updated), as in MoCo's `main_lincls.py`. `frozen=False` undoes it."""
