@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import signal
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,11 +73,43 @@ def load_image_splits(
             return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in saved.items()}) if streaming else saved
         loaded = load_dataset(name, config_name, streaming=streaming, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many types here; the user needs one line
+        if path.is_dir():
+            refuse_unreadable_files(path)  # name the file when one file is the cause
         where = "local path" if path.exists() else "Hub dataset id (or local path; none exists here)"
+        cause = root_cause(error)
         raise DataError(
-            f"could not load `dataset_name` {name!r} as a {where}: {type(error).__name__}: {first_line(error)}"
+            f"could not load `dataset_name` {name!r} as a {where}: {type(cause).__name__}: {first_line(cause)}"
         ) from error
     return loaded
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The first error of the chain (datasets wraps the reader's own in "An error occurred while generating ...")."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def refuse_unreadable_files(folder: Path) -> None:
+    """One line naming the first file under `folder` that makes `datasets` refuse the whole folder: a name that is
+    not UTF-8, or a parquet file whose footer cannot be read. Called once loading failed, so a good folder is not
+    walked twice."""
+    import pyarrow.parquet as pq
+
+    for directory, _, names in os.walk(folder):
+        for name in sorted(names):
+            file = Path(directory) / name
+            try:
+                str(file).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{os.fsencode(file)!r}: its name is not UTF-8, which `datasets` cannot read; rename "
+                                "or remove it.") from None  # fmt: skip
+            if file.suffix == ".parquet":
+                try:
+                    pq.read_metadata(file)
+                except Exception as error:
+                    raise DataError(f"{file}: not a readable parquet file ({type(error).__name__}: "
+                                    f"{first_line(error)}); replace or remove it.") from None  # fmt: skip
 
 
 def load_image_dataset(
@@ -195,21 +228,38 @@ def decode_image_or_reason(value: Any) -> tuple[PILImage.Image | None, str | Non
     """`decode_image`, with the reason when it returns None (for the message when nothing decodes)."""
     try:
         if isinstance(value, PILImage.Image):
-            image = value
+            image = loaded(value)
         elif isinstance(value, dict) and value.get("bytes"):
-            image = PILImage.open(io.BytesIO(value["bytes"]))
+            image = loaded(PILImage.open(io.BytesIO(value["bytes"])))
         elif isinstance(value, dict) and value.get("path"):
-            image = PILImage.open(value["path"])
+            with open_regular_file(value["path"]) as file:
+                image = loaded(PILImage.open(file))
         else:
             return None, f"no image bytes or path (value {str(value)[:60]})"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)  # a bomb is skipped, not decoded
-            image.load()
         if min(image.size) < 1:
             return None, f"an empty image of size {image.size}"
         return to_rgb(ImageOps.exif_transpose(image)), None  # upright, as datasets.Image decodes it
     except Exception as error:  # a corrupt file must never stop a run: it is counted by the caller
         return None, f"{type(error).__name__}: {first_line(error)}"
+
+
+def open_regular_file(path: str) -> io.BufferedReader:
+    """`path` opened for reading if it is a regular file. A FIFO, device or socket is refused without a read: opening
+    a FIFO waits for a writer and reading a device may never end, and one such row must not hang the run. Opened
+    non-blocking, then checked, so a file swapped for a FIFO after a check cannot block either."""
+    file = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
+        raise OSError(f"not a regular file (a FIFO, device or socket): {path}")
+    return file
+
+
+def loaded(image: PILImage.Image) -> PILImage.Image:
+    """`image` with its pixels read; a decompression bomb raises instead of being decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+        image.load()
+    return image
 
 
 def dataset_rows(dataset: Dataset | IterableDataset) -> int | None:

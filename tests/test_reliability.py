@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.checkpointing import TrainerState, non_finite_tensors, save_checkpoint, write_manifest
-from moco_hf.data import decode_image
-from moco_hf.errors import RunError, UsageError
+from moco_hf.data import decode_image, decode_image_or_reason
+from moco_hf.errors import DataError, RunError, UsageError
 
 
 def start_pretrain(*args: str) -> subprocess.Popen:
@@ -304,6 +304,63 @@ def test_training_on_a_folder_of_bad_images_skips_and_reports_them(bad_files, ci
     assert skipped == expected_skips(str(root), 16, 8) >= 1
     assert f"{skipped} images could not be decoded and were skipped" in result.stderr
     assert f"{skipped} images could not be decoded" in (out / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("fault", ["a file name that is not UTF-8", "a truncated parquet shard"])
+def test_the_one_file_that_stops_datasets_is_named_with_its_cause(cifar10_dir, cifar_images, tmp_path, fault):
+    from moco_hf.data import load_image_dataset
+
+    if fault == "a truncated parquet shard":
+        (tmp_path / "data").mkdir()
+        shutil.copy(cifar10_dir / "data" / "test-00000-of-00002.parquet", tmp_path / "data" / "train-0-of-2.parquet")
+        culprit = tmp_path / "data" / "train-1-of-2.parquet"
+        culprit.write_bytes((cifar10_dir / "data" / "test-00001-of-00002.parquet").read_bytes()[:5000])
+        expected = f"{culprit}: not a readable parquet file (ArrowInvalid: Parquet magic bytes not found"
+    else:
+        (tmp_path / "train" / "cat").mkdir(parents=True)
+        for index in range(4):
+            cifar_images[0][index].save(tmp_path / "train" / "cat" / f"{index}.png")
+        culprit = os.fsencode(tmp_path / "train" / "cat") + b"/\xff\xfe.png"
+        os.rename(os.fsencode(tmp_path / "train" / "cat" / "3.png"), culprit)
+        expected = f"{culprit!r}: its name is not UTF-8"
+    with pytest.raises(DataError) as error:
+        load_image_dataset(str(tmp_path), "train", streaming=False)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+@pytest.mark.timeout(300)  # before the fix, the run waited at step 0 for a FIFO writer forever
+def test_a_fifo_or_device_among_the_image_paths_is_skipped_not_waited_for(cifar_images, tmp_path):
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    images, labels = cifar_images
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    for path in (fifo, Path("/dev/zero")):  # a FIFO no one writes to; a device whose read never ends
+        image, reason = decode_image_or_reason({"bytes": None, "path": str(path)})
+        assert image is None and "not a regular file" in reason, reason
+    assert time.monotonic() - start < 5
+    # The run: a parquet dataset whose rows name image files; two rows of 32 name the FIFO and the device.
+    paths = []
+    for index in range(32):
+        paths.append(str(tmp_path / f"{index}.png"))
+        images[index].save(paths[-1])
+    paths[5], paths[20] = str(fifo), "/dev/zero"
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=10)})
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    for split, rows in (("train", range(32)), ("test", range(32, 48))):
+        values = [{"bytes": None, "path": paths[row] if row < 32 else None} for row in rows]
+        if split == "test":
+            values = [{"bytes": encoded(images[row], "PNG"), "path": None} for row in rows]
+        Dataset.from_dict({"image": values, "label": [labels[row] for row in rows]}, features=features).to_parquet(
+            tmp_path / "data" / "data" / f"{split}-00000-of-00001.parquet"
+        )
+    out = tmp_path / "run"
+    result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(tmp_path / "data"), "--max_train_steps", "2",
+                          "--dataloader_num_workers", "0", "--output_dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["skipped_images"] == 2  # one epoch of 2 x 16 rows
 
 
 # ---- 3. numerical faults ----------------------------------------------------------------------------------------
