@@ -210,7 +210,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, settings: dict) 
 # warning where it costs bit-exactness: the total length (extend or shorten a run), the process / batch layout at the
 # same global batch, loader workers, logging, checkpointing, evaluation and Hub settings.
 MATCHING_CONFIG_FIELDS = tuple(name for name in MocoConfig.field_names() if name not in MAY_CHANGE_ON_RESUME)
-MATCHING_DATA_SETTINGS = ("dataset", "dataset_config_name", "train_split", "max_train_samples")
+# The settings that select rows first: when one of them changed, it is the cause to name, not the fingerprint.
+MATCHING_DATA_SETTINGS = ("dataset_config_name", "train_split", "max_train_samples", "dataset_fingerprint")
 MUST_MATCH = ("seed", *MATCHING_DATA_SETTINGS, *MATCHING_CONFIG_FIELDS)
 # The peak learning rate may change (lowered after a divergence, as `numerical_fault_advice` says): the schedule goes
 # on from the checkpoint's step with the new peak (`continue_schedule_with_peak`), and the change is logged.
@@ -224,6 +225,12 @@ def check_resume_settings(saved: dict, current: dict, checkpoint: Path) -> None:
     bit-exactness (another process count or batch layout for the same global batch, another worker count)."""
     global_order = saved.get("data_order") == current.get("data_order") == "global"
     for name in (("global_batch_size",) if global_order else BATCH_LAYOUT) + MUST_MATCH:  # the cause before the lr
+        if name == "dataset_fingerprint" and name in saved and saved[name] != current.get(name):
+            raise UsageError(
+                f"the dataset {current.get('dataset')!r} ({current.get(name)}) is not the one checkpoint "
+                f"{checkpoint.name} was trained on, {saved.get('dataset')!r} ({saved[name]}): resume with that data, "
+                "or start a new run in another `output_dir`."
+            )
         if name in saved and saved[name] != current.get(name):
             raise UsageError(
                 f"`{name}` is {current.get(name)!r} but checkpoint {checkpoint.name} was trained with {saved[name]!r}: "

@@ -165,6 +165,29 @@ def take_rows(dataset: Dataset | IterableDataset, start: int, count: int | None)
     return dataset.select(range(min(start, end), end))
 
 
+FINGERPRINT_ROWS = 8
+
+
+def dataset_fingerprint(dataset: Dataset | IterableDataset, image_column: str, rows: int | None) -> str:
+    """What identifies a dataset wherever it lies, for resume: its row count and a digest of its first
+    `FINGERPRINT_ROWS` rows, image content included (read from the file when a row holds a path) and file paths
+    left out, so the same data under another path has the same fingerprint and other data another one."""
+    digest = hashlib.sha256()
+    head = take_rows(dataset, 0, FINGERPRINT_ROWS).cast_column(image_column, Image(decode=False))
+    for row in head:
+        image = row.pop(image_column) or {}
+        content = image.get("bytes")
+        if content is None and image.get("path"):
+            try:
+                with open_regular_file(image["path"]) as file:
+                    content = file.read(1 << 20)
+            except OSError as error:
+                content = f"unreadable: {error.strerror}".encode()
+        digest.update(content or b"")
+        digest.update(repr(sorted(row.items())).encode())
+    return f"{'?' if rows is None else rows} rows, sha256 of the first {FINGERPRINT_ROWS} {digest.hexdigest()[:16]}"
+
+
 def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None) -> str:
     """`image_column` if given (checked), else the only column of type `datasets.Image`."""
     features = dataset.features or {}

@@ -658,7 +658,7 @@ def test_every_config_field_is_compared_on_resume_unless_it_may_change():
     from moco_hf.pretraining.setup import run_settings
 
     args = MocoTrainingArguments(backbone="resnet18")
-    plan = SimpleNamespace(order=object(), global_batch=16, micro_batch=16, total_steps=10)
+    plan = SimpleNamespace(order=object(), global_batch=16, micro_batch=16, total_steps=10, fingerprint="f")
     config = MocoConfig.from_preset("v2", backbone="resnet18")
     saved = run_settings(config, plan, args, 0.03, 1)
     assert set(MocoConfig.field_names()) > MAY_CHANGE_ON_RESUME
@@ -687,21 +687,34 @@ def test_every_config_field_is_compared_on_resume_unless_it_may_change():
         (["--weight_decay", "0.01"], "weight_decay is 0.01 but checkpoint step_4 was trained with 0.0001"),
         (["--lr_schedule", "step"], "lr_schedule is 'step' but checkpoint step_4 was trained with 'cosine'"),
         (["--max_train_samples", "100"], "max_train_samples is 100 but checkpoint step_4 was trained with None"),
-        (["--dataset_name", "{other}"], "`dataset` is '{other}' but checkpoint step_4 was trained with '{dataset}'"),
+        (["--dataset_name", "{other}"], "the dataset '{other}' (100 rows, sha256 of the first 8 "),
+        (["--dataset_name", "{other}"], "is not the one checkpoint step_4 was trained on, '{dataset}' (200 rows, "),
     ],
 )
 def test_changed_settings_on_resume_are_refused_with_the_field_named(
     run_with_two_checkpoints, small_dataset, tmp_path, changed, message
 ):
     _, args = run_with_two_checkpoints
-    other = tmp_path / "other_dataset"
-    shutil.copytree(small_dataset, other)
+    other = tmp_path / "other_dataset"  # the dataset's second shard alone
+    shutil.copytree(small_dataset, other, ignore=shutil.ignore_patterns("train-00000-*"))
     places = {"{other}": str(other), "{dataset}": str(small_dataset)}
     changed = [places.get(word, word) for word in changed]
     for place, value in places.items():
         message = message.replace(place, value)
     result = run_pretrain(*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", *changed)
     assert result.returncode == 2 and message in one_line_error(result)
+
+
+@pytest.mark.slow
+def test_the_same_data_under_another_path_resumes(run_with_two_checkpoints, small_dataset, tmp_path):
+    """Resume compares the data (row count and a digest of the first rows, `dataset_fingerprint`), not its path."""
+    out, args = run_with_two_checkpoints
+    moved = tmp_path / "moved" / "the same images"
+    shutil.copytree(small_dataset, moved)
+    result = run_pretrain(*args, "--max_train_steps", "5", "--resume_from_checkpoint", "latest", "--dataset_name",
+                          str(moved))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["steps"] == 5
 
 
 @pytest.mark.slow

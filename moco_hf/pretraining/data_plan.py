@@ -21,6 +21,7 @@ from ..data import (
     TwoViewAugmentation,
     as_iterable,
     dataset_rows,
+    dataset_fingerprint,
     default_dataset_name,
     find_image_column,
     init_loader_worker,
@@ -47,6 +48,7 @@ class DataPlan:
     total_steps: int
     steps_per_epoch: int
     num_workers: int
+    fingerprint: str  # `dataset_fingerprint`: resume checks the data, not the path it was reached by
 
 
 def plan_data(args: MocoTrainingArguments, accelerator: Accelerator) -> DataPlan:
@@ -74,16 +76,17 @@ def plan_data(args: MocoTrainingArguments, accelerator: Accelerator) -> DataPlan
     if total_steps is None:
         total_steps = max(1, round(args.num_train_epochs * steps_per_epoch))
     image_column = find_image_column(train_set, args.image_column)
+    fingerprint = dataset_fingerprint(train_set, image_column, rows)
     if isinstance(train_set, Dataset):  # random access: every process reads its part of one global order
         order = GlobalOrder(len(train_set), global_batch, args.seed)
         return DataPlan(dataset_name, train_set, order, image_column, micro_batch, global_batch, total_steps,
-                        steps_per_epoch, max(0, args.dataloader_num_workers))  # fmt: skip
+                        steps_per_epoch, max(0, args.dataloader_num_workers), fingerprint)  # fmt: skip
     stream = as_iterable(train_set, num_shards=max(1, world * max(1, args.dataloader_num_workers)))
     stream = shard_for_process(stream, accelerator.process_index, world)
     stream = stream.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
     return DataPlan(dataset_name, stream, None, image_column, micro_batch, global_batch, total_steps,
                     steps_per_epoch if rows is not None else total_steps,
-                    usable_workers(stream, args.dataloader_num_workers))  # fmt: skip
+                    usable_workers(stream, args.dataloader_num_workers), fingerprint)  # fmt: skip
 
 
 def build_augmentation(config: MocoConfig, args: MocoTrainingArguments) -> TwoViewAugmentation:

@@ -163,8 +163,9 @@ def run_settings(config: MocoConfig, plan: DataPlan, args: MocoTrainingArguments
         "learning_rate": learning_rate,
         "dataloader_num_workers": args.dataloader_num_workers,
         "total_steps": plan.total_steps,
-        "dataset": args.dataset_name or "the default CIFAR-10",  # as given: a path may move with the machine
-        **{name: getattr(args, name) for name in MATCHING_DATA_SETTINGS if name != "dataset"},
+        "dataset": args.dataset_name or "the default CIFAR-10",  # as given, for the messages
+        "dataset_fingerprint": plan.fingerprint,  # what is compared: a path may move with the machine
+        **{name: getattr(args, name) for name in MATCHING_DATA_SETTINGS if name != "dataset_fingerprint"},
         **{name: getattr(config, name) for name in MATCHING_CONFIG_FIELDS},
     }
 
