@@ -149,6 +149,13 @@ class TrainArguments:
     max_train_minutes: float | None = field(
         default=None, metadata={"help": "Wall-time budget: stop, evaluate and save once training has run this long."}
     )
+    peer_timeout_seconds: int = field(
+        default=90,
+        metadata={"help": "Several processes: how long one waits for the others in a training step or a checkpoint "
+                  "before all stop (a peer stopped, killed or hung); with the launcher's 30 s to end the rest, every "
+                  "process is gone within 2 minutes. Loading before the first step keeps the 30-minute default (a "
+                  "download on the main process)."},
+    )  # fmt: skip
     mixed_precision: Literal["no", "bf16", "fp16"] | None = field(
         default=None, metadata={"help": "Default: the launcher's (accelerate config)."}
     )
@@ -230,7 +237,7 @@ AT_LEAST: dict[str, tuple[int, str]] = {
     "num_warmup_steps": (0, ""), "checkpointing_steps": (1, ""), "checkpoints_total_limit": (1, ""),
     "logging_steps": (1, ""), "dataloader_num_workers": (0, ""), "shuffle_buffer_size": (1, ""),
     "knn_k": (1, ""), "knn_max_train_samples": (1, ""), "knn_max_eval_samples": (1, ""),
-    "per_device_eval_batch_size": (1, ""), "hub_wait_seconds": (0, ""),
+    "per_device_eval_batch_size": (1, ""), "hub_wait_seconds": (0, ""), "peer_timeout_seconds": (1, ""),
     "batch_norm_calibration_images": (1, " (the random encoder's kNN is measured with calibrated BatchNorm)"),
 }  # fmt: skip
 POSITIVE = ("learning_rate", "num_train_epochs", "stop_after_epochs", "max_train_minutes", "eval_every",

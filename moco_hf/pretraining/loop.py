@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
 from ..checkpointing import TrainerState, numerical_fault_advice
@@ -93,14 +92,17 @@ def training_step(run: Run, state: TrainerState, data: Iterator[dict[str, Any]],
     state.completed_steps += 1
 
 
-def out_of_time(run: Run) -> bool:
-    """True once `--max_train_minutes` of training (this session and the ones it resumes) have passed; every
-    process takes rank 0's answer, so that all stop at the same step."""
-    if run.args.max_train_minutes is None:
-        return False
-    elapsed = run.training_seconds() >= 60 * run.args.max_train_minutes
-    over = torch.tensor([float(elapsed)], device=run.accelerator.device)
-    return bool(broadcast(over, from_process=0).item())
+def agreed_stop(run: Run, stop: StopSignal) -> tuple[bool, bool]:
+    """(a stop signal, the wall-time budget used up) after this step, as every process agrees (one all-reduce of two
+    numbers): a signal sent to one process stops all at this step, so that they save the same checkpoint together
+    (one left stepping alone would wait in the next collective), and the budget, timed by each, ends all at once."""
+    args = run.args
+    over = args.max_train_minutes is not None and run.training_seconds() >= 60 * args.max_train_minutes
+    local = torch.tensor([float(stop.received or 0), float(over)], device=run.accelerator.device)
+    signal_number, over_budget = run.accelerator.reduce(local, reduction="max").tolist()
+    if signal_number and stop.received is None:
+        stop.adopt(int(signal_number))
+    return bool(signal_number), bool(over_budget)
 
 
 def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]], stop: StopSignal) -> None:
@@ -119,10 +121,10 @@ def train_loop(run: Run, state: TrainerState, data: Iterator[dict[str, Any]], st
         while state.completed_steps < stop_step:
             training_step(run, state, data, window)
             progress.update(1)
-            if stop.received:
+            signalled, over_budget = agreed_stop(run, stop)
+            if signalled:
                 return
             step, last = state.completed_steps, state.completed_steps == stop_step
-            over_budget = out_of_time(run)
             if step % args.logging_steps == 0 or last or over_budget:
                 log_metrics(run, window.metrics(run, state), progress)
                 window = MetricsWindow()

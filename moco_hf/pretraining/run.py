@@ -7,11 +7,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.constants import default_pg_timeout as DEFAULT_PG_TIMEOUT
 
 from ..checkpointing import (
     OutputDirLock,
@@ -67,11 +69,15 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self.by_peer = False  # received by another process of the run, which all stop with (`agreed_stop`)
 
     def __call__(self, signum: int, _frame: Any) -> None:
         if self.received is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.received = signal.Signals(signum)
+
+    def adopt(self, signum: int) -> None:
+        self.received, self.by_peer = signal.Signals(signum), True
 
 
 @contextmanager
@@ -84,3 +90,26 @@ def stop_on_signals() -> Iterator[StopSignal]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# What a collective raises when a peer stopped answering (gloo: "Timed out waiting ...ms"), or died ("Connection
+# closed by peer", "Connection reset by peer"). NCCL's watchdog ends the process itself after the timeout.
+PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    return isinstance(error, torch.distributed.DistError) or any(words in str(error) for words in PEER_LOST)
+
+
+@contextmanager
+def peer_timeout(seconds: int) -> Iterator[None]:
+    """Collectives of the processes wait at most `seconds` for each other inside (the training loop and its
+    checkpoints), the process group's default (30 minutes: a download on the main process) outside."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield
+        return
+    torch.distributed.set_timeout(timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        torch.distributed.set_timeout(DEFAULT_PG_TIMEOUT)

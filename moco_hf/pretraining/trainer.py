@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from ..checkpointing import TrainerState, checkpoint_dirs
 from ..data import (
     close_loader,
 )
-from ..errors import TrainingStopped
+from ..errors import RunError, TrainingStopped, first_line
 from .arguments import MocoTrainingArguments, command_line
 from .data_plan import build_loader
 from .loop import train_loop
 from .outputs import checkpoint, finish, record_initial_knn
-from .run import Run, stop_on_signals
+from .run import Run, is_peer_lost, peer_timeout, stop_on_signals
 from .setup import setup, uses_sync_batch_norm
 
 logger = logging.getLogger("moco_hf.pretrain")
@@ -36,21 +39,42 @@ def train(args: MocoTrainingArguments, command: str | None = None) -> dict[str, 
                 logger.info("kNN top-1 of the %s: %.2f%%", state.knn_history[0]["encoder"], accuracy)
             log_plan(run)
             data = build_loader(run.plan, run.two_crops, args, run.accelerator, state.completed_steps)
-            try:
-                train_loop(run, state, data, stop)
-            finally:
-                close_loader(data)
-            if stop.received:
-                logger.warning("%s received: saving a checkpoint at step %d before exiting.", stop.received.name,
-                               state.completed_steps)  # fmt: skip
-                checkpoint(run, state)
-                raise TrainingStopped(stop.received, state.completed_steps)
+            with peer_timeout(args.peer_timeout_seconds), peers_lost_as_run_error(run, state):
+                try:
+                    train_loop(run, state, data, stop)
+                finally:
+                    close_loader(data)
+                if stop.received:
+                    logger.warning("%s received%s: saving a checkpoint at step %d before exiting.",
+                                   stop.received.name, " by another process" if stop.by_peer else "",
+                                   state.completed_steps)  # fmt: skip
+                    checkpoint(run, state)
+                    raise TrainingStopped(stop.received, state.completed_steps)
         results = finish(run, state)
         run.accelerator.end_training()
         return results
     finally:
         if run.lock is not None:
             run.lock.release()
+
+
+@contextmanager
+def peers_lost_as_run_error(run: Run, state: TrainerState) -> Iterator[None]:
+    """A collective that failed because another process stopped answering or died: one line (`RunError`) naming
+    the last intact checkpoint, instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_peer_lost(error):
+            raise
+        found = checkpoint_dirs(run.output_dir)
+        last = f"the last intact checkpoint is {found[-1].name}" if found else "no checkpoint was saved yet"
+        raise RunError(
+            f"process {run.accelerator.process_index} lost another process of the run at step "
+            f"{state.completed_steps + 1} (it stopped, died or hung; a step waits at most `peer_timeout_seconds` "
+            f"{run.args.peer_timeout_seconds}): every process stops; {last} (`resume_from_checkpoint` latest). "
+            f"{first_line(error)}"
+        ) from error
 
 
 def log_plan(run: Run) -> None:
