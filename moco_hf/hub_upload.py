@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi
 
 from .errors import first_line
+
+if TYPE_CHECKING:
+    from .modeling_moco import MocoForImageClassification
 
 logger = logging.getLogger(__name__)
 
@@ -146,3 +151,34 @@ class HubPublisher:
                 "training goes on; upload them later with `hf upload %s <output_dir>/model`.",
                 self.repo_id, type(error).__name__, first_line(error), self.repo_id,
             )  # fmt: skip
+
+
+def push_classifier(
+    model: MocoForImageClassification,
+    repo_id: str,
+    eval_metrics: dict[str, float] | None,
+    eval_dataset: str | None,
+    eval_split: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+) -> Any:
+    """`MocoForImageClassification.push_to_hub`: the saved classifier (weights, config, code, image processor) and
+    its card (`classifier_card`) in one commit; returns the commit's `CommitInfo`, as transformers does."""
+    from .model_card import classifier_card
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    card = classifier_card(model, repo_id, eval_metrics, eval_dataset, eval_split, tags)  # checks before uploading
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        card.save(Path(folder) / "README.md")
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or "Upload MoCo classifier",
+                                 commit_description=commit_description)  # fmt: skip

@@ -7,13 +7,16 @@ import platform
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import cached_file
 
 from .configuration_moco import MocoConfig
+
+if TYPE_CHECKING:
+    from .modeling_moco import MocoForImageClassification
 
 TEMPLATE = files("moco_hf") / "templates" / "model_card.md"
 CardKind = Literal["model", "encoder", "classifier"]
@@ -86,9 +89,11 @@ def render_model_card(
     license: str = "apache-2.0",
     location: str | None = None,
     labels: list[str] | None = None,
+    timm_format: bool = True,
 ) -> ModelCard:
     """The README.md of a pushed `MocoModel` (`kind="model"`), of its exported encoder (`kind="encoder"`), or of an
-    exported `MocoForImageClassification` (`kind="classifier"`, with its `labels` in class order).
+    exported `MocoForImageClassification` (`kind="classifier"`, with its `labels` in class order; `timm_format=False`:
+    the classifier pushed as it is, in transformers' format).
     `location` is where the full model's snippets load it from (default `repo_id`; the local folder when the model
     was not pushed).
 
@@ -114,7 +119,7 @@ def render_model_card(
     task = "image-classification" if kind == "classifier" else "image-feature-extraction"
     card_data = ModelCardData(
         license=license,
-        library_name="transformers" if kind == "model" else "timm",
+        library_name="transformers" if kind == "model" or not timm_format else "timm",
         pipeline_tag=task,
         tags=["moco", "self-supervised", "timm", task, f"moco-{version}"],
         datasets=[summary.dataset] if _is_hub_dataset_id(summary.dataset) else None,
@@ -139,6 +144,9 @@ def render_model_card(
         "the query encoder's backbone alone, in timm's format (`config.json` + `model.safetensors`)."
         if kind == "encoder"
         else "the backbone and its linear classifier, in timm's format (`config.json` + `model.safetensors`)."
+        if kind == "classifier" and timm_format
+        else "the backbone and its linear classifier as a `MocoForImageClassification` (safetensors), with its code "
+        "for `trust_remote_code` loading and its image processor."
         if kind == "classifier"
         else "the full `MocoModel` (query encoder, momentum key encoder, queue of negative keys) as safetensors, "
         "with its code for `trust_remote_code` loading."
@@ -151,6 +159,7 @@ def render_model_card(
         location=location or repo_id,
         kind=kind,
         labels=labels or [],
+        timm_format=timm_format,
         cifar_stem=config.cifar_stem,
         summary=f"A `{config.backbone}` image encoder pretrained with MoCo {version} (self-supervised).",
         moco_version=version,
@@ -167,6 +176,30 @@ def render_model_card(
         hardware=summary.hardware,
         hyperparameters=hyperparameters,
     )
+
+
+def classifier_card(
+    model: MocoForImageClassification,
+    repo_id: str,
+    eval_metrics: dict[str, float] | None,
+    eval_dataset: str | None,
+    eval_split: str,
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """The card of a `MocoForImageClassification` pushed as it is (transformers' format): task, labels, and the top-1
+    accuracy of `eval_metrics` (`eval_accuracy` or `accuracy`, a fraction, as `Trainer.evaluate()` and `evaluate`'s
+    accuracy give it) on `eval_split` of `eval_dataset`."""
+    metrics = eval_metrics or {}
+    accuracy = metrics.get("eval_accuracy", metrics.get("accuracy"))
+    if metrics and accuracy is None:
+        raise ValueError(f"eval_metrics has no `eval_accuracy` or `accuracy` (keys: {sorted(metrics)}).")
+    if accuracy is not None and not eval_dataset:
+        raise ValueError("eval_metrics needs eval_dataset: the card names the data the accuracy was measured on.")
+    results = [] if accuracy is None else [EvaluationResult("top-1 accuracy", eval_dataset, eval_split, 100 * accuracy)]
+    card = render_model_card(model.config, repo_id, kind="classifier", summary=TrainingSummary(results=results),
+                             labels=model.label_names, timm_format=False)  # fmt: skip
+    card.data.tags = [*card.data.tags, *(tags or [])]
+    return card
 
 
 def shareable_name(name: str | None) -> str | None:

@@ -16,6 +16,7 @@ dictionary.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -624,6 +625,26 @@ class MocoForImageClassification(MocoPreTrainedModel):
     def label_names(self) -> list[str]:
         """The class names in output order (`config.id2label`)."""
         return [self.config.id2label[index] for index in range(self.num_labels)]
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        eval_metrics: dict[str, float] | None = None,
+        eval_dataset: str | None = None,
+        eval_split: str = "test",
+        **kwargs: Any,
+    ) -> str:
+        """`PreTrainedModel.push_to_hub` with moco-hf's model card for a classifier (README.md): the task
+        (image-classification), the labels, and the accuracy in `eval_metrics` (a dict as `Trainer.evaluate()`
+        returns: `eval_accuracy` as a fraction), measured on `eval_split` of `eval_dataset`. `kwargs`: those of
+        `PreTrainedModel.push_to_hub` (`private`, `token`, `revision`, `create_pr`, `commit_message`, ...).
+        Loaded as remote code, where moco_hf is not installed: transformers' push and card."""
+        try:  # by name, not a relative import: the remote code of this file must not carry the Hub tooling
+            hub_upload = importlib.import_module("moco_hf.hub_upload")
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub_upload.push_classifier(self, repo_id, eval_metrics, eval_dataset, eval_split, **kwargs)
 
     def freeze_backbone(self, frozen: bool = True) -> None:
         """The linear protocol: only the classifier trains; the backbone takes no gradient and stays in eval mode

@@ -5,6 +5,8 @@ huggingface_hub is imported). Modes:
     load WORKDIR     load them back with AutoModel (moco_hf installed), timm, TimmWrapper and the pipeline, and the
                      full model's feature maps with AutoBackbone
     remote WORKDIR   load the full model with trust_remote_code in a process where moco_hf cannot be imported
+    classifier WORKDIR  push a MocoForImageClassification with its accuracy; classify the images with the pipeline
+    classifier-remote WORKDIR  the same pipeline as remote code, in a process where moco_hf cannot be imported
 """
 
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FULL, ENCODER = "tester/moco-resnet18", "tester/moco-resnet18-encoder"
+FULL, ENCODER, CLASSIFIER = "tester/moco-resnet18", "tester/moco-resnet18-encoder", "tester/moco-classifier"
 CIFAR_MEAN, CIFAR_STD = [0.4913, 0.4821, 0.4465], [0.2452, 0.2428, 0.2606]
 
 
@@ -91,5 +93,43 @@ def remote(workdir: Path) -> None:
     print("trust_remote_code: same features")
 
 
+CLASSES = ["airplane", "automobile", "bird"]
+
+
+def classifier(workdir: Path) -> None:
+    from moco_hf import MocoConfig, MocoForImageClassification
+
+    torch.manual_seed(0)
+    config = MocoConfig.from_preset("v2", backbone="resnet18", image_size=32, image_mean=CIFAR_MEAN,
+                                    image_std=CIFAR_STD, id2label=dict(enumerate(CLASSES)),
+                                    label2id={name: index for index, name in enumerate(CLASSES)})  # fmt: skip
+    model = MocoForImageClassification(config).eval()
+    model.push_to_hub(CLASSIFIER, eval_metrics={"eval_loss": 1.02, "eval_accuracy": 0.4321},
+                      eval_dataset="uoft-cs/cifar10", eval_split="test[:100]")  # fmt: skip
+    _, pixels = reference_inputs(workdir)
+    with torch.no_grad():
+        save_file({"probabilities": model(pixels).logits.softmax(-1)}, workdir / "classifier.safetensors")
+    classify(workdir, "moco_hf")
+
+
+def classify(workdir: Path, how: str) -> None:
+    """The pushed classifier through the image-classification pipeline: its labels, the pushed model's scores."""
+    if how == "remote code":
+        sys.modules["moco_hf"] = None  # only the repo's own code can build the model
+    from transformers import pipeline
+
+    images, _ = reference_inputs(workdir)
+    expected = load_file(workdir / "classifier.safetensors")["probabilities"]
+    found = pipeline("image-classification", model=CLASSIFIER, trust_remote_code=how == "remote code")
+    assert type(found.model).__module__.startswith("transformers_modules") == (how == "remote code")
+    for prediction, probabilities in zip(found(images, top_k=3), expected, strict=True):
+        scores = {entry["label"]: entry["score"] for entry in prediction}
+        assert set(scores) == set(CLASSES), scores
+        torch.testing.assert_close(torch.tensor([scores[name] for name in CLASSES]), probabilities, atol=1e-4, rtol=0)
+    print(f"classifier pipeline ({how}): the pushed model's labels and scores")
+
+
 if __name__ == "__main__":
-    {"push": push, "load": load, "remote": remote}[sys.argv[1]](Path(sys.argv[2]))
+    modes = {"push": push, "load": load, "remote": remote, "classifier": classifier,
+             "classifier-remote": lambda workdir: classify(workdir, "remote code")}  # fmt: skip
+    modes[sys.argv[1]](Path(sys.argv[2]))

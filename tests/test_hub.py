@@ -110,6 +110,27 @@ def test_trainer_pushes_every_save_with_a_model_card_of_the_run(hub, small_datas
 
 
 @pytest.mark.slow
+def test_a_classifier_pushes_with_a_card_of_its_task_labels_and_accuracy(hub, cifar_images, tmp_path):
+    for i, image in enumerate(cifar_images[0][:4]):
+        image.save(tmp_path / f"image_{i}.png")
+    for mode, how in (("classifier", "moco_hf"), ("classifier-remote", "remote code")):
+        result = launch(ROUNDTRIP, mode, str(tmp_path), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"classifier pipeline ({how}): the pushed model's labels and scores" in result.stdout
+    repo = hub.repos["tester/moco-classifier"]
+    assert {"config.json", "model.safetensors", "modeling_moco.py", "preprocessor_config.json"} <= set(repo)
+    assert "model_card.py" not in repo and "hub_upload.py" not in repo  # the remote code stays the model's own
+    card = card_of(hub, "tester/moco-classifier")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
+    (evaluation,) = card.data.eval_results
+    assert (evaluation.task_type, evaluation.metric_value, evaluation.dataset_type, evaluation.dataset_split) == (
+        "image-classification", 43.21, "uoft-cs/cifar10", "test[:100]")  # fmt: skip
+    assert "An image classifier over 3 labels (airplane, automobile, bird)" in card.text
+    assert "| top-1 accuracy | uoft-cs/cifar10 | test[:100] | 43.21% |" in card.text
+    assert 'pipeline("image-classification", model="tester/moco-classifier", trust_remote_code=True)' in card.text
+
+
+@pytest.mark.slow
 def test_push_to_a_branch(hub, small_dataset, tmp_path):
     # (--create_pr goes through the Hub's discussions API, which the local server does not speak: not tested here.)
     out = tmp_path / "run"
