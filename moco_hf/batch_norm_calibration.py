@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-BATCH_NORM_CALIBRATION_IMAGES = 4096  # ~32 training batches of 128: the estimate's noise is far below a kNN point's
+from .presets import BATCH_NORM_CALIBRATION_IMAGES
 
 
 def batch_norm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -15,8 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from .command_line import as_flags
 from .errors import UsageError
 
@@ -57,6 +55,8 @@ def convert(args: argparse.Namespace) -> None:
     from .modeling_moco import MocoModel
 
     if args.to == "official":
+        import torch
+
         model = MocoModel.from_pretrained(args.source)
         torch.save(moco_to_official(model), args.output)
     else:
@@ -80,8 +80,10 @@ def evaluate(argv: list[str]) -> int:
         print(f"error: moco-hf evaluate takes knn or linear, got {argv[0]!r} (see moco-hf evaluate --help).",
               file=sys.stderr)  # fmt: skip
         return 2
+    from . import register_auto_classes
     from .evaluation_command import main as evaluation_main
 
+    register_auto_classes()
     return evaluation_main(argv[1:], argv[0], program=f"moco-hf evaluate {argv[0]}")
 
 
@@ -124,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["evaluate"]:
         return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
+    from . import register_auto_classes
     from .convert import CheckpointError
 
+    register_auto_classes()
     try:
         args.run(args)
     except (CheckpointError, UsageError, OSError) as error:

@@ -26,6 +26,7 @@ from .data import (
     take_rows,
 )
 from .errors import DataError, UsageError
+from .presets import KNN_FEATURES
 
 logger = logging.getLogger(__name__)
 HOLD_OUT_SEED = 0  # the kNN queries held out of a split are the same in every run and every evaluation
@@ -55,9 +56,6 @@ def weighted_knn_predict(
         votes.scatter_add_(1, bank_labels[index], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-
-
-KNN_FEATURES = ("backbone", "head")  # which representation of the query encoder a kNN measures
 
 
 def moco_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:

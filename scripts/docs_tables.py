@@ -1,4 +1,6 @@
-"""The documentation's tables, generated from the code and from `benchmarks/results/*.json`, never typed by hand.
+"""The documentation's tables, generated from the code and from `benchmarks/results/*.json`, never typed by hand;
+and the package's generated data files (`GENERATED_FILES`: e.g. the presets' values that `moco-hf train --help`
+states, kept as JSON so that `--help` imports no torch).
 
 A page holds each table between `<!-- generated: NAME -->` and `<!-- /generated -->`; this script rewrites the lines
 between them from NAME's source. `tests/test_docs.py` runs `--check`, which fails when a committed table differs
@@ -105,6 +107,15 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+def preset_help() -> str:
+    from moco_hf.pretraining.arguments import preset_help_texts
+
+    return json.dumps(preset_help_texts(), indent=2) + "\n"
+
+
+GENERATED_FILES: dict[str, Callable[[], str]] = {"moco_hf/pretraining/preset_help.json": preset_help}
+
+
 def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -130,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             stale.append(page.relative_to(ROOT).as_posix())
             if not args.check:
                 page.write_text(fresh)
+    for name, generate in GENERATED_FILES.items():
+        path, fresh = ROOT / name, generate()
+        if not path.is_file() or path.read_text() != fresh:
+            stale.append(name)
+            if not args.check:
+                path.write_text(fresh)
     if stale:
-        print(("stale tables in: " if args.check else "rewrote: ") + ", ".join(stale))
+        print(("stale: " if args.check else "rewrote: ") + ", ".join(stale))
     return 1 if stale and args.check else 0
 
 

@@ -93,6 +93,56 @@ def test_invalid_values_and_unknown_arguments_stop_at_once_with_one_line(tmp_pat
     assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
 
 
+COMMAND_IMPORTS = """
+import sys
+sys.argv[0] = "/somewhere/bin/moco-hf"  # as the console script starts
+from moco_hf.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as exit_:  # argparse's --help
+    status = exit_.code
+heavy = sorted(name for name in ("torch", "timm", "accelerate", "datasets", "transformers.modeling_utils")
+               if name in sys.modules)
+print(f"status {status}, imported {heavy}")
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["train", "--learning_rate", "-1"],
+                                  ["train", "--per_device_train_batch_size", "1"]],
+                         ids=["help", "train help", "usage error", "batch of one"])  # fmt: skip
+def test_help_and_usage_errors_load_neither_torch_nor_the_model(argv):
+    """They answer in well under 2 s because they import none of it (timed in benchmarks/command_latency.py; here
+    the imports are checked, which a busy machine cannot make flaky). A fresh process: its imports are the subject."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", COMMAND_IMPORTS, *argv], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    help_asked = "--help" in argv
+    assert result.stdout.strip().endswith(f"status {0 if help_asked else 2}, imported []"), result.stderr[-2000:]
+    assert ("usage: " in result.stdout) if help_asked else (result.stderr.count("error: ") == 1)
+
+
+def test_the_command_registers_the_auto_classes_before_any_work():
+    """Under the console script, `import moco_hf` leaves registration to the subcommand; a subcommand that runs
+    registers first (so its saved models carry `auto_map`, and AutoModel loads MoCo folders)."""
+    import subprocess
+    import sys
+
+    snippet = """
+import sys
+sys.argv[0] = "/somewhere/bin/moco-hf"
+import moco_hf
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+before = "moco" in CONFIG_MAPPING
+from moco_hf.cli import main
+status = main(["convert", "no-such-checkpoint.pth.tar", "out"])
+print(before, "moco" in CONFIG_MAPPING, status)
+"""
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["False", "True", "2"], result.stderr[-2000:]
+
+
 def test_help_lists_the_choices_and_documents_every_argument(capsys):
     from moco_hf.cli import main as moco_hf_cli
     from moco_hf.pretraining import MocoTrainingArguments

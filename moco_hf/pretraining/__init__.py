@@ -10,9 +10,25 @@ Modules: `arguments` (the settings), `setup` (everything before the first step),
 (`train`) and `command` (the command line).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .arguments import DataArguments, MocoTrainingArguments, ModelArguments, TrainArguments
-from .command import main, parse_arguments
-from .trainer import train
+
+if TYPE_CHECKING:
+    from .command import main, parse_arguments
+    from .trainer import train
+
+# The run itself (accelerate, datasets, the model) loads on first use: the command checks its flags first.
+_LAZY = {"train": "trainer", "main": "command", "parse_arguments": "command"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'moco_hf.pretraining' has no attribute {name!r}")
+
 
 __all__ = [
            "DataArguments",

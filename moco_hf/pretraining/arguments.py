@@ -6,22 +6,25 @@ import dataclasses
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cache
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-from ..batch_norm_calibration import BATCH_NORM_CALIBRATION_IMAGES
-from ..configuration_moco import (
+from ..errors import UsageError, first_line
+from ..presets import (
     AUGMENTATIONS,
+    BATCH_NORM_CALIBRATION_IMAGES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KNN_FEATURES,
     LR_SCHEDULES,
     OPTIMIZERS,
     PRESET_NAMES,
     PRESETS,
     SHUFFLE_BN_MODES,
-    MocoConfig,
 )
-from ..errors import UsageError, first_line
-from ..knn import KNN_FEATURES
+
+if TYPE_CHECKING:
+    from ..configuration_moco import MocoConfig
 
 # A `bool | None` setting (None: the preset's) that `--name` alone turns on, as a plain bool flag does; `--name false`
 # turns it off. (HfArgumentParser makes that so for bools with a default, not for a default of None.)
@@ -283,12 +286,14 @@ def command_line(args: MocoTrainingArguments) -> list[str]:
 
 
 # What the command uses where neither a flag nor the preset says (MocoConfig's own defaults are ResNet-50's).
-COMMAND_DEFAULTS = {"backbone": "resnet18", "image_size": 224, "image_mean": list(IMAGENET_DEFAULT_MEAN),
-                    "image_std": list(IMAGENET_DEFAULT_STD)}  # fmt: skip
+COMMAND_DEFAULTS = {"backbone": "resnet18", "image_size": 224, "image_mean": list(IMAGENET_MEAN),
+                    "image_std": list(IMAGENET_STD)}  # fmt: skip
 
 
 def build_config(args: MocoTrainingArguments) -> MocoConfig:
     """The preset's recipe, with every field given on the command line taking precedence."""
+    from ..configuration_moco import MocoConfig  # transformers and torch: after the checks that need neither
+
     overrides = {name: value for name, value in COMMAND_DEFAULTS.items() if name not in PRESETS[args.preset]}
     if args.backbone_kwargs is not None:
         try:
@@ -334,17 +339,35 @@ def preset_configs() -> dict[str, MocoConfig]:
     return {name: build_config(MocoTrainingArguments(preset=name)) for name in PRESETS}
 
 
+def preset_help_texts() -> dict[str, str]:
+    """For each flag that a preset sets, its value in every preset, presets of equal value grouped ('Presets: v1/v2
+    65536, v3/v3-vit 0, cifar10-demo 4096.'); for --learning_rate, the presets' base rates. Computed from the configs
+    the presets build; `--help` reads the generated copy (`PRESET_HELP_FILE`), so that it needs no torch."""
+    configs, texts = preset_configs(), {}
+    for argument in fields(MocoTrainingArguments):
+        name = "base_learning_rate" if argument.name == "learning_rate" else argument.name
+        if not (argument.metadata.get("config_field") or argument.name == "learning_rate"):
+            continue
+        groups: dict[str, list[str]] = {}
+        for preset, config in configs.items():
+            groups.setdefault(help_value(getattr(config, name)), []).append(preset)
+        label = "Base lr of the presets" if name == "base_learning_rate" else "Presets"
+        texts[argument.name] = f"{label}: " + ", ".join(f"{'/'.join(p)} {value}" for value, p in groups.items()) + "."
+    return texts
+
+
+# `preset_help_texts()` as of the last `python scripts/docs_tables.py` (the suite checks that it is current).
+PRESET_HELP_FILE = Path(__file__).with_name("preset_help.json")
+
+
+@cache
+def generated_preset_help() -> dict[str, str]:
+    return json.loads(PRESET_HELP_FILE.read_text())
+
+
 def preset_help(argument: dataclasses.Field) -> str | None:
-    """For a flag that a preset sets, its value in every preset, presets of equal value grouped ('Presets: v1/v2
-    65536, v3/v3-vit 0, cifar10-demo 4096.'); for --learning_rate, the presets' base rates. Never typed by hand."""
-    name = "base_learning_rate" if argument.name == "learning_rate" else argument.name
-    if not (argument.metadata.get("config_field") or argument.name == "learning_rate"):
-        return None
-    groups: dict[str, list[str]] = {}
-    for preset, config in preset_configs().items():
-        groups.setdefault(help_value(getattr(config, name)), []).append(preset)
-    label = "Base lr of the presets" if name == "base_learning_rate" else "Presets"
-    return f"{label}: " + ", ".join(f"{'/'.join(presets)} {value}" for value, presets in groups.items()) + "."
+    """`--help`'s note on a flag that the presets set (`preset_help_texts`); None for the others."""
+    return generated_preset_help().get(argument.name)
 
 
 def help_value(value: Any) -> str:

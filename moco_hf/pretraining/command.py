@@ -13,7 +13,6 @@ from pathlib import Path
 from ..command_line import CommandLineParser, as_flags
 from ..errors import RunError, TrainingStopped, UsageError
 from .arguments import MocoTrainingArguments, preset_help, without_secrets
-from .trainer import train
 
 PUSH_FAILED = 3  # trained and saved locally; the Hub push did not happen
 ARGUMENT_NAMES = frozenset(argument.name for argument in fields(MocoTrainingArguments))
@@ -76,7 +75,12 @@ def main(argv: list[str] | None = None, program: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     speak_in_flags()
     try:
-        results = train(parse_arguments(argv), command=typed_command(argv, program))
+        args = parse_arguments(argv)
+        from .. import register_auto_classes
+        from .trainer import train  # accelerate, datasets, the model: once the flags are known to be good
+
+        register_auto_classes()
+        results = train(args, command=typed_command(argv, program))
     except UsageError as error:
         print(f"error: {as_flags(str(error), ARGUMENT_NAMES)}", file=sys.stderr)
         return 2
