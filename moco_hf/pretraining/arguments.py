@@ -186,6 +186,11 @@ class TrainArguments:
     )  # fmt: skip
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per kNN forward pass."})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile both backbones."})
+    torch_compile_backend: str = field(
+        default="inductor",
+        metadata={"help": "The backend of --torch_compile (torch._dynamo.list_backends(); e.g. aot_eager, which "
+                  "traces and runs without generating kernels), as transformers' TrainingArguments has it."},
+    )  # fmt: skip
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory format (faster convs on GPUs)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the model (and its card) to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id (default: the output dir's name)."})

@@ -112,8 +112,8 @@ def build_model(config: MocoConfig, args: MocoTrainingArguments, world: int,
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.torch_compile:
-        model.encoder_q.backbone.compile()
-        model.encoder_k.backbone.compile()
+        model.encoder_q.backbone.compile(backend=args.torch_compile_backend)
+        model.encoder_k.backbone.compile(backend=args.torch_compile_backend)
     return model
 
 
