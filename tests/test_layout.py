@@ -33,6 +33,7 @@ def test_the_wheel_installs_the_moco_hf_package_only(tmp_path):
     # The package data the library reads at run time travels with it.
     assert "moco_hf/templates/model_card.md" in names
     assert "moco_hf/metrics/top_k_accuracy/top_k_accuracy.py" in names
+    assert "moco_hf/pretraining/preset_help.json" in names  # what `moco-hf train --help` states of the presets
 
 
 def test_no_function_is_longer_than_a_hundred_lines():

@@ -722,10 +722,10 @@ def test_every_config_field_is_compared_on_resume_unless_it_may_change():
     names is refused when it differs from the checkpoint's, in the settings the trainer records."""
     from types import SimpleNamespace
 
-    from moco_hf.checkpointing import check_resume_settings
     from moco_hf.configuration_moco import MAY_CHANGE_ON_RESUME
     from moco_hf.pretraining import MocoTrainingArguments
     from moco_hf.pretraining.setup import run_settings
+    from moco_hf.run_policy import check_resume_settings
 
     args = MocoTrainingArguments(backbone="resnet18")
     plan = SimpleNamespace(order=object(), global_batch=16, micro_batch=16, total_steps=10, fingerprint="f")

@@ -15,9 +15,6 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.constants import default_pg_timeout as DEFAULT_PG_TIMEOUT
 
-from ..checkpointing import (
-    OutputDirLock,
-)
 from ..configuration_moco import MocoConfig
 from ..data import (
     TwoViewAugmentation,
@@ -25,6 +22,7 @@ from ..data import (
 from ..hub_upload import HubPublisher
 from ..knn import KnnMonitor
 from ..modeling_moco import MocoModel
+from ..run_policy import OutputDirLock
 from .arguments import MocoTrainingArguments
 from .data_plan import DataPlan
 

@@ -15,24 +15,23 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from ..checkpointing import (
-    MATCHING_CONFIG_FIELDS,
-    MATCHING_DATA_SETTINGS,
-    OutputDirLock,
-    TrainerState,
-    check_output_dir,
-    clear_or_refuse_previous_run,
-    load_checkpoint,
-    remove_incomplete_checkpoints,
-    resolve_checkpoint,
-    set_aside_newer_checkpoints,
-)
+from ..checkpointing import TrainerState, remove_incomplete_checkpoints
 from ..configuration_moco import MocoConfig
 from ..errors import DataError, UsageError, first_line
 from ..hub_upload import HubPublisher, remove_snapshots
 from ..knn import KnnMonitor, KnnSplits
 from ..modeling_moco import MocoModel
 from ..optimization import build_optimizer
+from ..run_policy import (
+    MATCHING_CONFIG_FIELDS,
+    MATCHING_DATA_SETTINGS,
+    OutputDirLock,
+    check_output_dir,
+    clear_or_refuse_previous_run,
+    load_checkpoint,
+    resolve_checkpoint,
+    set_aside_newer_checkpoints,
+)
 from ..schedules import continue_schedule_with_peak, learning_rate_scheduler
 from ..warm_start import load_pretrained_weights
 from .arguments import MocoTrainingArguments, build_config, recorded_settings, trackers, warmup_steps
