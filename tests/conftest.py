@@ -1,6 +1,9 @@
 """Shared fixtures: offline Hub, the real CIFAR-10 images in ../shared/data, small models."""
 
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
@@ -173,3 +177,54 @@ def small_dataset(cifar_images, tmp_path_factory) -> Path:
         root / "data" / "test-00000-of-00001.parquet"
     )
     return root
+
+
+# ---- what the fault-injection tests share (test_kill_and_resume.py, test_untrusted_files.py, ...) ----
+def start_pretrain(*args: str, processes: int = 1) -> subprocess.Popen:
+    """training/pretrain.py in its own process group (so a kill also takes its DataLoader workers)."""
+    command, env = command_and_env(PRETRAIN, *args, processes=processes)
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    return sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name[5:])) if root.is_dir() else []
+
+
+def assert_loadable(checkpoint: Path) -> None:
+    """A complete checkpoint: trainer state, finite safetensors weights, an optimizer state loadable safely."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["completed_steps"] == int(checkpoint.name[5:])
+    weights = load_file(checkpoint / "model.safetensors")
+    assert {"queue", "queue_ptr"} <= weights.keys()
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    torch.load(checkpoint / "optimizer.bin", weights_only=True)
+
+
+def one_line_error(result) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def two_checkpoint_arguments(dataset: Path, out: Path) -> list[str]:
+    return [*FAST_TRAINING, "--dataset_name", str(dataset), "--knn_at_start", "false", "--output_dir", str(out),
+            "--checkpointing_steps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_with_two_checkpoints(small_dataset, tmp_path_factory):
+    """One finished 4-step run with checkpoints at steps 2 and 4, trained once for the session."""
+    out = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    result = run_pretrain(*two_checkpoint_arguments(small_dataset, out), "--max_train_steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def run_with_two_checkpoints(trained_with_two_checkpoints, small_dataset, tmp_path):
+    """A copy of that run for this test to change, and the arguments that made it (pointing at the copy)."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_with_two_checkpoints, out, ignore=shutil.ignore_patterns(".lock"))
+    return out, two_checkpoint_arguments(small_dataset, out)
