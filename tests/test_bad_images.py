@@ -220,6 +220,7 @@ def test_the_one_file_that_stops_datasets_is_named_with_its_cause(cifar10_dir, c
     assert str(error.value).startswith(expected) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)  # before the fix, the run waited at step 0 for a FIFO writer forever
 def test_a_fifo_or_device_among_the_image_paths_is_skipped_not_waited_for(cifar_images, tmp_path):
     from datasets import ClassLabel, Dataset, Features

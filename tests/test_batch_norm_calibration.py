@@ -112,6 +112,7 @@ def test_random_init_evaluation_calibrates_batch_norm_on_training_images(random_
     assert json.loads((tmp_path / "knn_results.json").read_text())["encoder"].endswith("calibrated on 199 images))")
 
 
+@pytest.mark.slow
 def test_the_trainer_measures_the_random_encoder_calibrated_and_a_frozen_run_gains_nothing(small_dataset, tmp_path):
     """At learning rate 1e-12 the weights do not move: what the final kNN gains over the calibrated baseline is
     only the difference between two estimates of the same BatchNorm statistics (the training steps' running average

@@ -184,6 +184,7 @@ def test_a_clear_error_where_it_does_not_apply(backbone):
         MocoModel(MocoConfig(backbone=backbone, cifar_stem=True, queue_size=8))
 
 
+@pytest.mark.slow
 def test_the_trainer_flag_builds_it(small_dataset, tmp_path):
     out = tmp_path / "run"
     result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(out),

@@ -50,6 +50,7 @@ def test_a_broken_link_fails_the_build(tmp_path):
         build_site(tmp_path / "site", docs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda page: page.relative_to(REPO_ROOT).as_posix())
 def test_the_python_examples_of_each_page_run(page, tmp_path, monkeypatch):
     """A page's blocks run in order in one namespace (a later block uses what an earlier one made), in a fresh

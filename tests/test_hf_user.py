@@ -298,6 +298,7 @@ def test_held_out_queries_are_a_class_balanced_sample_with_class_mates_in_the_ba
     assert again.splits["queries"]["image"] == monitor.splits["queries"]["image"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["labelled", "unlabelled"])
 def test_a_small_folder_of_ones_own_trains_with_default_flags(class_sorted_folder, folder, tmp_path):
     out = tmp_path / "run"

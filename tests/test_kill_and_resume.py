@@ -87,6 +87,8 @@ def test_sigterm_and_sigint_save_a_checkpoint_before_exiting(small_dataset, tmp_
     assert_loadable(checkpoint)
     steps = int(checkpoint.name[5:])
     assert steps >= 2
+    if (signum, target) != (signal.SIGTERM, "process group"):
+        return  # the same kind of checkpoint in each case: one resume from it is enough
     resumed = run_pretrain(*args, "--max_train_steps", str(steps + 2), "--output_dir", str(out),
                            "--resume_from_checkpoint", "latest")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]

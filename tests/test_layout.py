@@ -154,6 +154,7 @@ def test_messages_name_settings_in_backticks_so_the_command_line_shows_them_as_f
     assert as_flags("pass `knn_monitor` false", names) == "pass --knn_monitor false"  # what the command shows
 
 
+@pytest.mark.slow
 def test_the_command_logs_settings_as_flags(small_dataset, tmp_path):
     from conftest import FAST_TRAINING, run_pretrain
 

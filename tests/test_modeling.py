@@ -334,6 +334,7 @@ def test_auto_classes_registered_on_import():
 # ---- learning on real images --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_few_optimizer_steps_on_real_images_lower_the_loss(cifar_tensor):
     from torchvision.transforms import v2
 

@@ -157,6 +157,7 @@ def test_a_stream_resumed_with_another_worker_count_warns(small_dataset, tmp_pat
     assert state["settings"]["dataloader_num_workers"] == 1 and state["settings"]["data_order"] == "stream"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "planted, resume",
     [(".lock", False), ("run_config.json", True), ("checkpoints", False), ("checkpoints/step_2", True)],
@@ -190,6 +191,7 @@ def test_a_symbolic_link_in_the_output_folder_is_refused_and_its_target_untouche
     assert link.is_symlink()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_mixes_with_the_run_already_in_its_folder(small_dataset, cifar10_dir, tmp_path):
     out = tmp_path / "run"
     common = [*FAST_TRAINING, "--knn_at_start", "false", "--checkpointing_steps", "2", "--checkpoints_total_limit",

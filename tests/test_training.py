@@ -23,6 +23,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streaming", [False, True])
 def test_trains_and_counts_undecodable_images(small_dataset, tmp_path, streaming):
     out = tmp_path / "run"
@@ -46,6 +47,7 @@ def test_trains_and_counts_undecodable_images(small_dataset, tmp_path, streaming
     assert isinstance(model, moco_hf.MocoModel) and int(model.queue_ptr) == (14 * 16) % 64
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(small_dataset, tmp_path):
     common = [*FAST, "--dataset_name", str(small_dataset), "--max_train_steps", "6", "--knn_at_start", "false"]
     full = run_pretrain(*common, "--output_dir", str(tmp_path / "full"), "--checkpointing_steps", "3")
@@ -242,6 +244,7 @@ def test_speed_options_train_and_save_a_loadable_model(small_dataset, tmp_path, 
     assert model.queue.dtype == torch.float32 and int(model.queue_ptr) == (3 * 16) % 64
 
 
+@pytest.mark.slow
 def test_the_hub_token_reaches_no_file_and_no_output(small_dataset, tmp_path):
     token = "hf_NotARealToken1234567890"
     out = tmp_path / "run"
