@@ -8,21 +8,17 @@
 The whole trainer (`training/pretrain.py` under `accelerate launch`, real CIFAR-10, batched augmentation) for each,
 interleaved over `--rounds`; images/s is the median of its `metrics.jsonl` windows after the first.
 
-    python benchmarks/batch_norm_modes.py --processes 2
+    python -m benchmarks.batch_norm_modes --processes 2
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import trainer_images_per_second, write_results
+from .common import trainer_images_per_second, write_results
 
 MODES = {
     "ddp shuffle": ["--shuffle_bn", "ddp"],

@@ -2,13 +2,12 @@
 """Two-crop augmentation throughput: our `datasets` stream (`StreamBatches`) against a plain torchvision
 `ImageFolder` + `TwoCropsTransform`, the same MoCo v2 augmentation, the same real CIFAR-10 images.
 
-    python benchmarks/data_throughput.py --num_images 10240 --workers 1 2
+    python -m benchmarks.data_throughput --num_images 10240 --workers 1 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import CIFAR10, write_results
 from moco_hf.augmentation import build_two_crops
 from moco_hf.data import StreamBatches, as_iterable, load_image_dataset
+
+from .common import CIFAR10, write_results
 
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
 

@@ -38,13 +38,13 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit into logs/NA
 } >"$OUT/logs/machine.txt" 2>&1
 
 step cuda_tests 60 "$RUN_PYTHON" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py
-step split_batch_norm 40 "$RUN_PYTHON" benchmarks/split_batch_norm.py $(sized "--repeats 30" "--batch_size 16 --repeats 2")
-step step_overhead 70 "$RUN_PYTHON" benchmarks/step_overhead.py --queue_sizes 4096 \
+step split_batch_norm 40 "$RUN_PYTHON" -m benchmarks.split_batch_norm $(sized "--repeats 30" "--batch_size 16 --repeats 2")
+step step_overhead 70 "$RUN_PYTHON" -m benchmarks.step_overhead --queue_sizes 4096 \
     $(sized "--repeats 20" "--batch_size 16 --repeats 2 --warmup 1")
 throughput=(--cifar_stem --queue_size 4096 --rounds 1 --candidates "step alone" trainer
     $(sized "--batch_size 512 --steps 60 --window 10 --workers 8" "--batch_size 16 --steps 4 --window 2 --workers 1"))
-step trainer_throughput_fp32 90 "$RUN_PYTHON" benchmarks/trainer_throughput.py "${throughput[@]}"
-step trainer_throughput_bf16 90 "$RUN_PYTHON" benchmarks/trainer_throughput.py "${throughput[@]}" \
+step trainer_throughput_fp32 90 "$RUN_PYTHON" -m benchmarks.trainer_throughput "${throughput[@]}"
+step trainer_throughput_bf16 90 "$RUN_PYTHON" -m benchmarks.trainer_throughput "${throughput[@]}" \
     --mixed_precision bf16 --channels_last
 step reproduction 140 env RUN_PYTHON="$RUN_PYTHON" bash scripts/reproduce_cifar10.sh --output_dir "$OUT/reproduction" \
     --mixed_precision bf16 --channels_last --dataloader_num_workers 8 --checkpointing_steps 100000 \

@@ -3,7 +3,7 @@
 CIFAR-10: for each global batch size, the same number of seen images with a queue of K keys or with
 `queue_size=0`; peak memory, time per step and kNN accuracy of the result. Writes a table and a plot.
 
-    python benchmarks/queue_vs_batch.py --seen_images 12800 --batch_sizes 32 64 128 256 --queue_sizes 4096 16384
+    python -m benchmarks.queue_vs_batch --seen_images 12800 --batch_sizes 32 64 128 256 --queue_sizes 4096 16384
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS, write_results
+from .common import RESULTS, write_results
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "training" / "pretrain.py"
 CIFAR = [

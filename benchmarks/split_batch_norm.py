@@ -9,31 +9,26 @@ each group's running statistics from step to step instead: this counts the ops e
 profiler; the same on any device) and times all of ResNet-18's BatchNorm layers, forward + backward (query encoder)
 and forward only (key encoder), interleaved.
 
-    python benchmarks/split_batch_norm.py                   # CPU here, or the GPU when there is one
+    python -m benchmarks.split_batch_norm                   # CPU here, or the GPU when there is one
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 from torch.profiler import profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from reference_moco import ReferenceSplitBatchNorm  # the official demo's layer, transcribed for the tests
-
-from benchmarks.common import device_of_choice, interleaved_timings, write_results
 from moco_hf import SplitBatchNorm2d
+from tests.reference_cifar10_demo import SplitBatchNorm as OfficialSplitBatchNorm  # the demo's layer, transcribed
+
+from .common import device_of_choice, interleaved_timings, write_results
 
 LAYERS = {
     "BatchNorm2d (no split)": lambda channels, splits: nn.BatchNorm2d(channels),
-    "official SplitBatchNorm": lambda channels, splits: ReferenceSplitBatchNorm(channels, num_splits=splits),
+    "official SplitBatchNorm": lambda channels, splits: OfficialSplitBatchNorm(channels, num_splits=splits),
     "moco_hf SplitBatchNorm2d": lambda channels, splits: moco_hf_split_batch_norm(channels, splits),
 }
 

@@ -5,24 +5,21 @@ Lower bound: the same encoder's forward + backward on the queries, forward on th
 What MoCo adds on top (momentum update, batch shuffle or split BatchNorm, logits against the queue, enqueue) is
 the overhead. Target: under 5% for ResNet-18, batch 256, 32x32 images.
 
-    python benchmarks/step_overhead.py                      # CPU here, or the GPU when there is one
-    python benchmarks/step_overhead.py --queue_sizes 4096 65536 --repeats 20
+    python -m benchmarks.step_overhead                      # CPU here, or the GPU when there is one
+    python -m benchmarks.step_overhead --queue_sizes 4096 65536 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import device_of_choice, interleaved_timings, write_results
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.modeling_moco import MocoEncoder
+
+from .common import device_of_choice, interleaved_timings, write_results
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ Candidates, each in a fresh process, interleaved over `--rounds` (A, B, C, D, A,
 Each reports the median images/s over windows of `--window` steps after the first window (start-up and warm-up).
 Main-job settings by default: ResNet-18 at 32 px, batch 128, K=1024, m=0.99, T=0.2, 2 loader workers.
 
-    pip install -e ".[bench]" && python benchmarks/trainer_throughput.py            # timm's stem
-    python benchmarks/trainer_throughput.py --cifar_stem --steps 20 --window 5      # the main job's CIFAR stem
-    python benchmarks/trainer_throughput.py --batch_size 512 --mixed_precision bf16 --channels_last \
+    pip install -e ".[bench]" && python -m benchmarks.trainer_throughput            # timm's stem
+    python -m benchmarks.trainer_throughput --cifar_stem --steps 20 --window 5      # the main job's CIFAR stem
+    python -m benchmarks.trainer_throughput --batch_size 512 --mixed_precision bf16 --channels_last \
         --candidates "step alone" trainer                                           # a GPU
 """
 
@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import CIFAR10, device_of_choice, trainer_images_per_second, write_results
 from moco_hf import MocoConfig, MocoModel
 from moco_hf.data import load_image_dataset
+
+from .common import CIFAR10, device_of_choice, trainer_images_per_second, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)

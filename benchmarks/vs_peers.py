@@ -10,7 +10,7 @@ All single-process without batch shuffle (the official code's shuffle needs seve
 we run `shuffle_bn="none"` too. Interleaved repetitions in one process; ratios of medians. Peak memory of each in
 a fresh process (CPU: peak RSS; GPU: the allocator's peak).
 
-    pip install -e ".[bench]" && python benchmarks/vs_peers.py
+    pip install -e ".[bench]" && python -m benchmarks.vs_peers
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the official builder's port
+from moco_hf import MocoConfig, MocoModel
+from tests.reference_moco import ReferenceMoCo
 
-from reference_moco import ReferenceMoCo
-
-from benchmarks.common import (
+from .common import (
     device_of_choice,
     interleaved_timings,
     last_number_printed_by,
     peak_memory_mib,
     write_results,
 )
-from moco_hf import MocoConfig, MocoModel
 
 PEERS = ("moco-hf", "official port", "lightly")
 

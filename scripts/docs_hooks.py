@@ -9,7 +9,8 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files, InclusionLevel
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVED = ("benchmarks/results/*.png", "benchmarks/results/*.md", "model_cards/*.md", "notebooks/*.ipynb",
+SERVED = ("benchmarks/results/*.png", "benchmarks/results/*.md", "benchmarks/cifar10_reproduction/results/*.png",
+          "model_cards/*.md", "notebooks/*.ipynb",
           "moco_hf/templates/*.md")  # fmt: skip
 
 

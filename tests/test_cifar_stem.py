@@ -9,11 +9,10 @@ import pytest
 import torch
 import torchvision
 from conftest import FAST_TRAINING, REPO_ROOT, run_pretrain
+from reference_cifar10_demo import ModelMoCo, demo_as_moco_model, demo_state_in_our_names
 from torch import nn
 from transformers import AutoModel
 
-from benchmarks.cifar10_demo_notebook import ModelMoCo
-from benchmarks.demo_init_as_moco_model import demo_as_moco_model, demo_state_in_our_names
 from moco_hf import MocoConfig, MocoModel, export_encoder
 from moco_hf.cli import main as moco_hf_cli
 from moco_hf.optimization import build_optimizer
@@ -53,7 +52,7 @@ def test_the_backbone_is_the_official_demo_network(cifar_tensor):
 
 def test_training_steps_are_the_demos_own_step_by_step(cifar_tensor):
     """The cifar10-demo preset and its optimizer against the notebook's ModelMoCo and SGD (its own code, transcribed
-    in benchmarks/cifar10_demo_notebook.py), from the same weights and queue, on the same real images and key
+    in tests/reference_cifar10_demo.py), from the same weights and queue, on the same real images and key
     shuffles: SplitBatchNorm in 8 groups, the single-GPU batch shuffle, momentum update, queue and weight decay."""
     torch.manual_seed(0)
     demo = ModelMoCo(K=64).train()

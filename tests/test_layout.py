@@ -162,3 +162,31 @@ def test_the_command_logs_settings_as_flags(small_dataset, tmp_path):
                           "--max_train_steps", "1", "--knn_at_start", "false", "--queue_size", "8")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--shuffle_bn=split" in result.stderr and "`shuffle_bn`" not in result.stderr
+
+
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def test_no_test_imports_a_benchmark_and_no_benchmark_edits_sys_path():
+    """Tests use the reference transcriptions under tests/; the benchmarks run as modules (`python -m benchmarks.X`)."""
+    importing = [path.name for path in python_files(REPO_ROOT / "tests") if any(
+        module == "benchmarks" or module.startswith("benchmarks.") for module in imported_modules(path))]  # fmt: skip
+    assert not importing, importing
+    editing = [str(path.relative_to(REPO_ROOT)) for path in python_files(BENCHMARKS) if "sys.path" in path.read_text()]
+    assert not editing, editing
+
+
+def benchmark_modules() -> list[str]:
+    return [".".join(path.relative_to(REPO_ROOT).with_suffix("").parts) for path in python_files(BENCHMARKS)
+            if path.stem not in ("__init__", "common") and not path.stem.startswith("test_")]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", benchmark_modules())
+def test_each_benchmark_answers_help_as_a_module(module, capsys, monkeypatch):
+    """`python -m MODULE --help`, in this process (the imports are shared): usage and exit status 0."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out

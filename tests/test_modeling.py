@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_cifar10_demo import SplitBatchNorm as OfficialSplitBatchNorm
 from reference_moco import ReferenceMoCo
 from transformers import AutoConfig, AutoModel
 
 import moco_hf
-from benchmarks.cifar10_demo_notebook import SplitBatchNorm as OfficialSplitBatchNorm
 from moco_hf import MocoConfig, MocoModel, SplitBatchNorm2d
 from moco_hf.modeling_moco import build_projection_head
 

@@ -104,7 +104,9 @@ def test_momentum_follows_the_same_cosine_up_to_one():
 def test_the_demos_per_epoch_cosine_gives_the_learning_rates_its_log_printed():
     # The notebook's adjust_learning_rate: lr = 0.06 * 0.5 * (1 + cos(pi * epoch / 200)) at the start of each epoch
     # (counted from 1), printed to 6 decimals in its log; 97 steps an epoch.
-    log = json.loads((REPO_ROOT / "benchmarks" / "references" / "moco_cifar10_demo_log.json").read_text())
+    log = json.loads(
+        (REPO_ROOT / "benchmarks" / "cifar10_reproduction" / "references" / "moco_cifar10_demo_log.json").read_text()
+    )
     printed = {row[0]: row[3] for row in log["rows"]}
     config = MocoConfig.from_preset("cifar10-demo")
     peak = config.base_learning_rate * 512 / 256

@@ -1,10 +1,10 @@
-"""The between-seed statistics of `benchmarks/cifar10_demo_curve.py`, on hand-computed examples."""
+"""The between-seed statistics of `benchmarks/cifar10_reproduction/cifar10_demo_curve.py`, on hand-computed examples."""
 
 import json
 
 import pytest
 
-from benchmarks.cifar10_demo_curve import (
+from .cifar10_demo_curve import (
     criterion_between_runs,
     earlier_runs,
     loss_against_knn,

@@ -11,13 +11,14 @@ weights (`demo_init_as_moco_model.py`) differ in their loss from the first steps
   `--augment_on_device false` for torchvision v2 per image in the workers).
 
 Every 10 steps it prints the mean loss of those 10 steps, under bf16 autocast as the CPU runs were (`--precision
-fp32`: in fp32, as the published run was), and writes them to `benchmarks/results/cifar10_demo_swap-<leg>.json`;
+fp32`: in fp32, as the published run was), and writes them to `results/cifar10_demo_swap-<leg>.json` (here);
 `--trainer_metrics` records the trainer's own run from the same start (its `metrics.jsonl` with `--logging_steps
 10`) beside them, and `--plot` draws them all:
 
-    python benchmarks/cifar10_demo_swap.py --step demo --data moco-hf --steps 40
-    python benchmarks/cifar10_demo_swap.py --trainer_metrics outputs/cifar10-from-demo-init/metrics.jsonl \
-        --plot benchmarks/results/cifar10_demo_swap-cpu.png
+    python -m benchmarks.cifar10_reproduction.cifar10_demo_swap --step demo --data moco-hf --steps 40
+    python -m benchmarks.cifar10_reproduction.cifar10_demo_swap \
+        --trainer_metrics outputs/cifar10-from-demo-init/metrics.jsonl \
+        --plot benchmarks/cifar10_reproduction/results/cifar10_demo_swap-cpu.png
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import itertools
 import json
 import math
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,16 +34,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
-
-from benchmarks.cifar10_demo_notebook import CifarArrays, ModelMoCo, autocast, cifar_arrays, demo_train_transform
-from benchmarks.common import RESULTS
-from benchmarks.demo_init_as_moco_model import demo_as_moco_model
 from moco_hf.optimization import build_optimizer
 from moco_hf.plotting import plt, save_figure
 from moco_hf.pretraining.arguments import MocoTrainingArguments, build_config
 from moco_hf.pretraining.data_plan import build_augmentation, build_loader, plan_data
 from moco_hf.schedules import learning_rate_scheduler
+from tests.reference_cifar10_demo import (
+    CifarArrays,
+    ModelMoCo,
+    autocast,
+    cifar_arrays,
+    demo_as_moco_model,
+    demo_train_transform,
+)
+
+from . import RESULTS
 
 BATCH, LR, EPOCHS = 512, 0.06, 200
 STEPS_PER_EPOCH = 50_000 // BATCH  # drop_last: 97

@@ -2,7 +2,7 @@
 batch (same views, same key-encoder shuffle) in fp32 and under bf16 autocast, beside the difference between two
 batches in fp32 (the scale of SGD's own noise). A check of one candidate cause of a gap to an fp32 reference run.
 
-    python benchmarks/bf16_gradient_agreement.py --model outputs/cifar10-demo-cpu/model
+    python -m benchmarks.cifar10_reproduction.bf16_gradient_agreement --model outputs/cifar10-demo-cpu/model
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS
 from moco_hf import MocoModel
 from moco_hf.augmentation import build_two_crops
 from moco_hf.data import load_image_dataset
+
+from . import RESULTS
 
 
 def gradient(model: MocoModel, query: torch.Tensor, key: torch.Tensor, bf16: bool) -> tuple[float, torch.Tensor]:

@@ -7,26 +7,26 @@ three pipelines see the same images, each is also compared with the demo's image
 the per-image differences in positive cosine and its standard error), which takes the images' own spread out of the
 comparison.
 
-    python benchmarks/augmentation_strength.py --model outputs/cifar10-demo-cpu/model --images 10000
+    python -m benchmarks.cifar10_reproduction.augmentation_strength --model outputs/cifar10-demo-cpu/model \
+        --images 10000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cifar10_demo_notebook import demo_train_transform
-from benchmarks.common import RESULTS
 from moco_hf import MocoModel
 from moco_hf.augmentation import build_two_crops
 from moco_hf.batched_augmentation import OnDeviceTwoCrops
 from moco_hf.data import collate, load_image_dataset
+from tests.reference_cifar10_demo import demo_train_transform
+
+from . import RESULTS
 
 
 def demo_v1_views(images: list, mean: list[float], std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,28 +1,16 @@
-"""The official CIFAR-10 demo's own code, run on this machine: the control for `cifar10_demo_curve.py`.
+"""The official CIFAR-10 demo's own code, transcribed: facebookresearch/moco's `colab/moco_cifar10_demo.ipynb`
+(colab-notebook branch, f7364915): its ModelBase (torchvision ResNet-18 with a 3x3 conv1, no max-pool, fc 512 -> 128),
+SplitBatchNorm, ModelMoCo with the single-GPU batch shuffle, its PIL transforms, SGD with its per-epoch cosine and
+its weighted kNN monitor, with nothing from `moco_hf`; and the map from its weights to a `MocoModel`'s.
 
-A plain transcription of facebookresearch/moco's `colab/moco_cifar10_demo.ipynb` (colab-notebook branch, f7364915):
-its ModelBase (torchvision ResNet-18 with a 3x3 conv1, no max-pool, fc 512 -> 128), SplitBatchNorm, ModelMoCo with
-the single-GPU batch shuffle, its PIL transforms (torchvision v1 ops in worker processes), SGD with its per-epoch
-cosine and its weighted kNN monitor. Nothing from `moco_hf` is used, so the two runs share only the data and the
-machine: where they agree with each other and not with the demo's log, the difference is in the conditions (data,
-precision, seed), not in moco-hf's implementation.
-
-Differences from the notebook, all of them conditions: the images are `../shared/data/cifar10` (JPEG re-encodings
-of CIFAR-10, read with `datasets`), `--precision bf16` runs forward passes under CPU autocast as our run did, the
-run is seeded, and it stops after `--epochs_to_run` epochs of the 200-epoch schedule.
-
-    python benchmarks/cifar10_demo_notebook.py --epochs_to_run 6 --precision bf16 \
-        --output benchmarks/results/cifar10_demo_notebook-cpu.json
+The tests compare moco-hf with it (tests/test_cifar_stem.py, test_modeling.py); the reproduction study runs it as
+its control (`python -m benchmarks.cifar10_reproduction.cifar10_demo_notebook`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +18,12 @@ import torch.nn.functional as F
 from datasets import load_dataset
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.models import resnet
 from torchvision.transforms import v2
+
+from moco_hf import MocoConfig, MocoModel  # the map from the demo's weights to moco-hf's (the transcription uses none)
 
 DEMO_MEAN, DEMO_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 
@@ -213,50 +203,22 @@ def cifar_arrays(data_dir: str, split: str, limit: int | None) -> tuple[np.ndarr
     return images, np.asarray(rows["label"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default="../shared/data/cifar10")
-    parser.add_argument("--epochs_to_run", type=int, default=6)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--batch_size", type=int, default=512)
-    parser.add_argument("--limit", type=int, default=None, help="first N images of each split (a quick trial)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--transforms",
-        choices=["v1", "v2"],
-        default="v1",
-        help="v1: the notebook's PIL ops; v2: torchvision.transforms.v2 on tensors (moco-hf's ops)",
-    )
-    parser.add_argument("--knn", default=True, action=argparse.BooleanOptionalAction, help="kNN after each epoch")
-    parser.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args()
-
-    torch.manual_seed(args.seed)
-    train_transform = demo_train_transform(ops=args.transforms)
-    test_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(DEMO_MEAN, DEMO_STD)])
-    train_images, train_labels = cifar_arrays(args.data_dir, "train", args.limit)
-    test_images, test_labels = cifar_arrays(args.data_dir, "test", args.limit and args.limit // 5)
-    loader = partial(DataLoader, num_workers=args.workers, persistent_workers=args.workers > 0)
-    train_loader = loader(CifarArrays(train_images, train_labels, train_transform, pair=True),
-                          batch_size=args.batch_size, shuffle=True, drop_last=True)  # fmt: skip
-    memory_loader = loader(CifarArrays(train_images, train_labels, test_transform, pair=False), batch_size=512)
-    test_loader = loader(CifarArrays(test_images, test_labels, test_transform, pair=False), batch_size=512)
-
-    model = ModelMoCo(K=min(4096, args.batch_size * (len(train_images) // args.batch_size)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06, weight_decay=5e-4, momentum=0.9)
-    epochs, train_seconds = [], 0.0
-    for epoch in range(1, args.epochs_to_run + 1):
-        start = time.perf_counter()
-        loss = train_epoch(model, train_loader, optimizer, epoch, 200, 0.06, args.precision)
-        train_seconds += time.perf_counter() - start
-        knn = knn_test(model.encoder_q, memory_loader, test_loader, args.precision) if args.knn else None
-        epochs.append({"epoch": epoch, "knn_top1_head": knn, "loss": loss, "train_seconds": train_seconds,
-                       "lr": optimizer.param_groups[0]["lr"]})  # fmt: skip
-        print(json.dumps(epochs[-1]), flush=True)
-        args.output.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                           "torch": torch.__version__, "epochs": epochs}, indent=2) + "\n")  # fmt: skip
+DEMO_LAYERS = {"0": "backbone.conv1", "1": "backbone.bn1", "3": "backbone.layer1", "4": "backbone.layer2",
+               "5": "backbone.layer3", "6": "backbone.layer4", "9": "head"}  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
+def demo_state_in_our_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `ModelMoCo` state dict with `MocoModel`'s keys (the demo's queue is dim x K, ours K x dim)."""
+    ours = {"queue": state["queue"].T.contiguous(), "queue_ptr": state["queue_ptr"]}
+    for key, value in state.items():
+        if key.startswith("encoder_"):
+            encoder, _, index, *rest = key.split(".")
+            ours[".".join([encoder, DEMO_LAYERS[index], *rest])] = value
+    return ours
+
+
+def demo_as_moco_model(demo: ModelMoCo) -> MocoModel:
+    """`demo`'s weights, BatchNorm statistics and queue in a MocoModel of the cifar10-demo preset."""
+    model = MocoModel(MocoConfig.from_preset("cifar10-demo", queue_size=demo.K))
+    model.load_state_dict(demo_state_in_our_names(demo.state_dict()))
+    return model

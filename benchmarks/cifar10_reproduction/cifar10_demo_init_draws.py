@@ -7,7 +7,7 @@ CIFAR-10 views (moco-hf's loader, seed 0) in training mode under bf16 autocast: 
 initial queue, the positive logit q.k+/T, and the mean cosine between the queries of different images (how collapsed
 the random features are). Means and standard deviations over draws, in `benchmarks/results/`.
 
-    python benchmarks/cifar10_demo_init_draws.py --draws 24
+    python -m benchmarks.cifar10_reproduction.cifar10_demo_init_draws --draws 24
 """
 
 from __future__ import annotations
@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
-
-from benchmarks.cifar10_demo_notebook import ModelMoCo, autocast
-from benchmarks.cifar10_demo_swap import moco_hf_batches
-from benchmarks.common import RESULTS
-from benchmarks.demo_init_as_moco_model import demo_as_moco_model
 from moco_hf import MocoConfig, MocoModel
+from tests.reference_cifar10_demo import ModelMoCo, autocast, demo_as_moco_model
+
+from . import RESULTS
+from .cifar10_demo_swap import moco_hf_batches
 
 
 @torch.no_grad()

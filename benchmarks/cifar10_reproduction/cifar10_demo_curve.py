@@ -1,7 +1,7 @@
 """Our runs of the official CIFAR-10 demo's recipe beside the demo's own published log, epoch by epoch.
 
 Reads runs of `scripts/reproduce_cifar10.sh` (one per seed: knn_curve.json, metrics.jsonl, run_config.json) and the
-demo's log (`benchmarks/references/moco_cifar10_demo_log.json`, parsed from the notebook's saved output), and with
+demo's log (`references/moco_cifar10_demo_log.json` here, parsed from the notebook's saved output), and with
 `--control` the demo's own code run on the same machine and data (`cifar10_demo_notebook.py`, one file per seed);
 writes `results/cifar10_demo_curve-<device>.json` (each run, and their mean at the epochs all reached, against the
 log, the spread between seeds of ours and of the demo's code, the log's criterion applied between every two runs,
@@ -9,9 +9,10 @@ and how well a run's loss predicts its accuracy) and `.png`, and prints the READ
 
     bash scripts/reproduce_cifar10.sh --mixed_precision bf16 --stop_after_epochs 10 --seed 1 \
         --output_dir outputs/cifar10-demo-cpu-s1
-    python benchmarks/cifar10_demo_curve.py --run outputs/cifar10-demo-cpu-s1 --command "bash scripts/..."
+    python -m benchmarks.cifar10_reproduction.cifar10_demo_curve --run outputs/cifar10-demo-cpu-s1 \
+        --command "bash scripts/..."
 
-`--earlier benchmarks/results/cifar10_demo_curve-cpu.json` keeps that file's runs beside the new ones (runs trained
+`--earlier results/cifar10_demo_curve-cpu.json` (here) keeps that file's runs beside the new ones (runs trained
 on another machine, whose output folders stayed there; a seed given by --run too, continued here, takes the new
 rows); the file is read before it is rewritten.
 """
@@ -24,15 +25,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 from matplotlib.ticker import MaxNLocator
 
-from benchmarks.common import RESULTS
 from moco_hf.plotting import plt, read_metrics, save_figure
+
+from . import RESULTS
 
 REFERENCE = Path(__file__).resolve().parent / "references" / "moco_cifar10_demo_log.json"
 TOLERANCE = 1.5  # points of kNN top-1 ...
