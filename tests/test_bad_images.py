@@ -220,6 +220,25 @@ def test_the_one_file_that_stops_datasets_is_named_with_its_cause(cifar10_dir, c
     assert str(error.value).startswith(expected) and "\n" not in str(error.value)
 
 
+def test_a_read_that_never_returns_costs_its_bound_and_the_next_read_works(tmp_path, cifar_images):
+    """The time bound on every image read (`read_image_file` runs it through `BoundedCalls`): a read that blocks for
+    good (here a FIFO opened for reading with no writer, as a read from a hung network mount blocks) gives up after
+    the bound; the next read is served by a new helper thread."""
+    from moco_hf.data import BoundedCalls
+
+    calls, fifo, photo = BoundedCalls(), tmp_path / "never", tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    cifar_images[0][0].save(photo)
+    start = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="took more than 1 s"):
+            calls(1, Path.read_bytes, fifo)
+        assert time.monotonic() - start < 5
+        assert calls(5, Path.read_bytes, photo) == photo.read_bytes()
+    finally:  # let the abandoned thread's open return
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # before the fix, the run waited at step 0 for a FIFO writer forever
 def test_a_fifo_or_device_among_the_image_paths_is_skipped_not_waited_for(cifar_images, tmp_path):
