@@ -98,7 +98,192 @@ def low_label() -> str:
     return "\n".join(lines)
 
 
+def _results(name: str) -> list[dict]:
+    return json.loads((RESULTS / f"{name}.json").read_text())["results"]
+
+
+TRAINER_CANDIDATES = {
+    "step alone": "MoCo step alone (no data)",
+    "trainer": "trainer, batched augmentation on the device (default)",
+    "trainer, per-image augmentation": "trainer, per-image augmentation in the workers (`--augment_on_device false`)",
+    "lightly loop": "lightly's MoCo v2 example loop, same backbone, batch, K, T, m",
+}
+
+
+def trainer_throughput() -> str:
+    """The whole trainer against its own step and lightly's loop (`python -m benchmarks.trainer_throughput`)."""
+    lines = ["| | images/s | vs the step alone | vs the lightly loop |", "| --- | --- | --- | --- |"]
+    for row in _results("trainer_throughput-cpu"):
+        lines.append(f"| {TRAINER_CANDIDATES.get(row['candidate'], row['candidate'])} | {row['images_per_s']:.0f} | "
+                     f"{_ratio(row['vs_step_alone'])} | {_ratio(row['vs_lightly_loop'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _ratio(value: float) -> str:
+    return "1" if round(value, 2) == 1 else f"{value:.2f}x"
+
+
+STEP_RUNS = {"CPU, fp32": "cpu", "H100, fp32": "gpu", "H100, bf16 autocast": "bf16-gpu"}
+
+
+def step_costs() -> str:
+    """MoCo's own cost per step and the peers, per device (`step_overhead` and `vs_peers` results)."""
+    steps = {
+        column: {row["step"]: row for row in _results(f"step_overhead-{run}")} for column, run in STEP_RUNS.items()
+    }
+    peers = {column: {row["implementation"]: row for row in _results(f"vs_peers-{run}")}
+             for column, run in STEP_RUNS.items()}  # fmt: skip
+    bound = "lower bound (encoder fwd+bwd, key fwd, optimizer)"
+    rows = {f"{bound}, median": lambda c: f"{steps[c][bound]['median_ms']:.1f} ms"}
+    for queue, shuffle in ((4096, "none"), (65536, "none"), (4096, "split")):
+        step = f"MoCo step (K={queue}, shuffle_bn={shuffle})"
+        rows[f'MoCo overhead, K={queue}, `shuffle_bn="{shuffle}"`'] = (
+            lambda c, step=step: f"{steps[c][step]['moco_overhead_%']:.1f}%")  # fmt: skip
+    rows["official builder port / lightly, time vs ours (K=4096)"] = lambda c: (
+        f"{peers[c]['official port']['time_vs_moco_hf']:.2f}x / {peers[c]['lightly']['time_vs_moco_hf']:.2f}x"
+    )
+    rows["peak memory, ours / official / lightly"] = lambda c: (
+        " / ".join(f"{peers[c][name]['peak_memory_mib']:.0f}" for name in ("moco-hf", "official port", "lightly"))
+        + " MiB"
+    )
+    lines = ["| | " + " | ".join(STEP_RUNS) + " |", "| --- |" + " --- |" * len(STEP_RUNS)]
+    lines += [f"| {name} | " + " | ".join(cell(c) for c in STEP_RUNS) + " |" for name, cell in rows.items()]
+    return "\n".join(lines)
+
+
+def command_latency() -> str:
+    """`moco-hf` answering without work (`python -m benchmarks.command_latency`)."""
+    lines = ["| command | median | min - max |", "| --- | --- | --- |"]
+    for row in _results("command_latency-cpu"):
+        lines.append(f"| `{row['command']}` | {row['median_s']:.2f} s | {row['min_s']:.2f} - {row['max_s']:.2f} s |")
+    return "\n".join(lines)
+
+
+STUDY_RESULTS = ROOT / "benchmarks" / "cifar10_reproduction" / "results"
+
+
+def _curve() -> dict:
+    return json.loads((STUDY_RESULTS / "cifar10_demo_curve-cpu.json").read_text())
+
+
+def _by_epoch(rows: list[dict], key: str) -> dict[int, float]:
+    return {row["epoch"]: row[key] for row in rows if row.get(key) is not None}
+
+
+def _epoch_table(header: list[str], columns: list[dict[int, float]], formats: list[str]) -> str:
+    """One row per epoch any column has; `formats[i]` formats column i (e.g. ".2f", "+.2f"); "-" where it has none."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for epoch in sorted(set().union(*columns)):
+        cells = [
+            format(column[epoch], spec) if epoch in column else "-"
+            for column, spec in zip(columns, formats, strict=True)
+        ]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reproduction_knn() -> str:
+    """kNN per epoch: the demo's log, each of our seeds, their mean, the demo's code here per seed, our backbone."""
+    curve = _curve()
+    ours, here = curve["runs"], curve["demo_code_on_this_machine"]
+    header = [
+        "epoch",
+        "demo kNN",
+        *(f"ours seed {run['seed']}" for run in ours),
+        "ours mean",
+        "mean - demo",
+        *(f"demo code here, seed {run['settings']['seed']}" for run in here),
+        "ours backbone (mean)",
+    ]
+    columns = [_by_epoch(curve["reference"]["epochs"], "knn_top1"),
+               *(_by_epoch(run["epochs"], "knn_top1_head") for run in ours),
+               _by_epoch(curve["epochs"], "knn_top1_head"),
+               {int(epoch): value for epoch, value in curve["difference_head_vs_demo"].items()},
+               *(_by_epoch(run["epochs"], "knn_top1_head") for run in here),
+               _by_epoch(curve["epochs"], "knn_top1_backbone")]  # fmt: skip
+    formats = [".2f"] * (len(ours) + 2) + ["+.2f"] + [".2f"] * (len(here) + 1)
+    return _epoch_table(header, columns, formats)
+
+
+def reproduction_loss() -> str:
+    """The mean training loss per epoch: the demo's log, our seeds, the demo's code here per seed."""
+    curve = _curve()
+    header = [
+        "epoch",
+        "demo loss",
+        *(f"ours seed {run['seed']}" for run in curve["runs"]),
+        *(f"demo code here, seed {run['settings']['seed']}" for run in curve["demo_code_on_this_machine"]),
+    ]
+    runs = [*curve["runs"], *curve["demo_code_on_this_machine"]]
+    columns = [_by_epoch(curve["reference"]["epochs"], "loss"), *(_by_epoch(run["epochs"], "loss") for run in runs)]
+    return _epoch_table(header, columns, [".3f"] * len(columns))
+
+
+def reproduction_spread() -> str:
+    """Between-seed mean, sd and range per epoch: ours and the demo's code here, beside the demo's log."""
+    curve = _curve()
+    demo = _by_epoch(curve["reference"]["epochs"], "knn_top1")
+
+    def spread(rows: list[dict]) -> dict[int, str]:
+        return {row["epoch"]: f"{row['mean']:.2f} ± {row['sd']:.2f} ({row['min']:.2f}-{row['max']:.2f}, "
+                f"{row['runs']} runs)" for row in rows}  # fmt: skip
+
+    ours, here = spread(curve["between_seeds"]["ours"]), spread(curve["between_seeds"]["demo_code_here"])
+    lines = ["| epoch | demo kNN (log) | ours: mean ± sd (range, runs) | demo code here: mean ± sd (range, runs) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for epoch in sorted(ours):
+        lines.append(f"| {epoch} | {demo[epoch]:.2f} | {ours[epoch]} | {here.get(epoch, '-')} |")
+    return "\n".join(lines)
+
+
+SWAP_LEGS = {  # result file -> column, in the order the page reads them
+    "step_demo-data_demo": "the control: demo step, demo data (seed 0)",
+    "step_demo-data_demo-fp32": "the control in fp32",
+    "step_moco-hf-data_demo": "moco-hf step, the control's data",
+    "step_demo-data_demo-data_seed1": "demo step, demo data, data seed 1",
+    "step_demo-data_moco-hf": "demo step, moco-hf data",
+    "trainer": "moco-hf trainer",
+}
+
+
+def reproduction_swap() -> str:
+    """The mean loss of each 10 steps from one initial model, step and data swapped (`cifar10_demo_swap.py`)."""
+    legs = {name: json.loads((STUDY_RESULTS / f"cifar10_demo_swap-{name}.json").read_text())["windows"]
+            for name in SWAP_LEGS}  # fmt: skip
+    windows = [(w["first_step"], w["last_step"]) for w in legs["step_demo-data_demo"]]  # the control's 40 steps
+    lines = ["| steps | " + " | ".join(SWAP_LEGS.values()) + " |", "|---|" + "---|" * len(SWAP_LEGS)]
+    for first, last in windows:
+        losses = [
+            {(w["first_step"], w["last_step"]): w["loss"] for w in legs[name]}.get((first, last)) for name in legs
+        ]
+        lines.append(f"| {first}-{last} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in losses) + " |")
+    return "\n".join(lines)
+
+
+def queue_vs_batch() -> str:
+    """Queue against in-batch negatives per global batch (`python -m benchmarks.queue_vs_batch`)."""
+    rows = _results("queue_vs_batch-cpu")
+    kinds = list(dict.fromkeys(row["negatives"] for row in rows))
+    cells = {(row["global_batch"], row["negatives"]): row for row in rows}
+    lines = ["| global batch | kNN top-1: " + " | ".join(kinds) + f" | ms/step ({' / '.join(kinds)}) | peak RSS MiB "
+             "(same order) |", "| --- |" + " --- |" * (len(kinds) + 2)]  # fmt: skip
+    for batch in sorted({row["global_batch"] for row in rows}):
+        found = [cells[(batch, kind)] for kind in kinds]
+        lines.append(f"| {batch} | " + " | ".join(f"{row['knn_top1']:.1f}" for row in found) + " | "
+                     + " / ".join(f"{row['ms_per_step']:.0f}" for row in found) + " | "
+                     + " / ".join(f"{row['peak_rss_mib']:.0f}" for row in found) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "queue-vs-batch": queue_vs_batch,
+    "reproduction-swap": reproduction_swap,
+    "reproduction-knn": reproduction_knn,
+    "reproduction-loss": reproduction_loss,
+    "reproduction-spread": reproduction_spread,
+    "trainer-throughput": trainer_throughput,
+    "step-costs": step_costs,
+    "command-latency": command_latency,
     "presets": presets,
     "main-job-search": main_job_search,
     "main-job-confirm": main_job_confirm,
