@@ -129,11 +129,11 @@ def test_a_stopped_process_ends_every_process_within_the_peer_timeout(small_data
     collective, not gloo's 30 minutes, says so in one line, and the launcher ends the stopped one (30 s more)."""
     import psutil
 
-    process, ranks = start_two_processes(small_dataset, tmp_path / "run", "--peer_timeout_seconds", "10")
+    process, ranks = start_two_processes(small_dataset, tmp_path / "run", "--peer_timeout_seconds", "5")
     os.kill(ranks[1], signal.SIGSTOP)
     start = time.monotonic()
     _, stderr = process.communicate(timeout=180)
-    assert process.returncode != 0 and time.monotonic() - start < 60  # 10 s to notice, at most 30 s to end rank 1
+    assert process.returncode != 0 and time.monotonic() - start < 60  # 5 s to notice, at most 30 s to end rank 1
     (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert "process 0 lost another process of the run at step" in error and "the last intact checkpoint is step_" \
         in error, stderr[-3000:]  # fmt: skip
