@@ -275,7 +275,22 @@ def queue_vs_batch() -> str:
     return "\n".join(lines)
 
 
+def cifar10_evaluation() -> str:
+    """kNN and linear evaluation on all of CIFAR-10, random and pretrained (`bash scripts/evaluate.sh`)."""
+    path = RESULTS / "cifar10_evaluation-cpu.json"
+    if not path.exists():
+        return "*Not measured yet: run `bash scripts/evaluate.sh`.*"
+    result = json.loads(path.read_text())
+    lines = [f"| encoder (`{result['model']}`) | kNN top-1 (k=200) | linear top-1 | linear top-5 |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for row in result["results"]:
+        lines.append(f"| {row['encoder']} | {row['knn_top1']:.2f}% | {row['linear_top1']:.2f}% | "
+                     f"{row['linear_top5']:.2f}% |")  # fmt: skip
+    return "\n".join(lines) + f"\n\n*{result['machine']}, commit {result['commit']}, {result['date'][:10]}.*"
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "cifar10-evaluation": cifar10_evaluation,
     "queue-vs-batch": queue_vs_batch,
     "reproduction-swap": reproduction_swap,
     "reproduction-knn": reproduction_knn,

@@ -106,8 +106,10 @@ def peer_timeout(seconds: int) -> Iterator[None]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         yield
         return
-    torch.distributed.set_timeout(timedelta(seconds=seconds))
+    # `set_timeout` is the public name in recent torch; older releases have it only as the private `_set_pg_timeout`.
+    set_timeout = getattr(torch.distributed, "set_timeout", None) or torch.distributed.distributed_c10d._set_pg_timeout
+    set_timeout(timedelta(seconds=seconds))
     try:
         yield
     finally:
-        torch.distributed.set_timeout(DEFAULT_PG_TIMEOUT)
+        set_timeout(DEFAULT_PG_TIMEOUT)
