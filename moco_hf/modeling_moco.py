@@ -665,8 +665,8 @@ class MocoForImageClassification(MocoPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(N, C, H, W)`): normalised images.
-            labels (`torch.LongTensor` of shape `(N,)`, or `torch.FloatTensor` of shape `(N, num_labels)` for
-                multi-label or regression targets, *optional*): targets; the loss follows `config.problem_type`.
+            labels (`torch.Tensor`, *optional*): targets, `(N,)` class ids (`torch.LongTensor`), or `(N, num_labels)`
+                floats for multi-label or regression; the loss follows `config.problem_type`.
 
         Returns: [`ImageClassifierOutput`] with `logits` `(N, num_labels)` and `loss` when `labels` are given.
         """
