@@ -64,6 +64,9 @@ def convert(args: argparse.Namespace) -> None:
         model.save_pretrained(args.output)
         print(f"{model.config.backbone}, image size {model.config.image_size} (from "
               f"{'--image_size' if args.image_size else 'the checkpoint, else the official 224'}).")  # fmt: skip
+        if model.config.num_channels != 3:
+            print(f"{model.config.num_channels} input bands (the checkpoint's first layer); their mean and std are "
+                  "not recorded in it: set image_mean and image_std in config.json.")  # fmt: skip
     print(f"Converted {args.source} -> {args.output} ({args.to} layout)")
 
 

@@ -13,6 +13,7 @@ from .presets import (  # noqa: F401 (re-exported: the config's vocabulary)
     LR_SCHEDULES,
     MAX_BACKBONE_DEPTH,
     MAX_BACKBONE_INT,
+    MAX_CHANNELS,
     MAX_HEAD_LAYERS,
     MAX_IMAGE_SIZE,
     MAX_QUEUE_NUMBERS,
@@ -90,6 +91,10 @@ class MocoConfig(PretrainedConfig):
             else `"split"`.
         num_splits (`int`, defaults to 8):
             Number of BatchNorm groups of the `"split"` emulation (the official CIFAR demo's `bn_splits`).
+        num_channels (`int`, defaults to 3):
+            Channels (bands) of the input images: 3 for RGB, 1 for grey or single-band images, e.g. 13 for Sentinel-2;
+            timm builds the first layer for them (`in_chans`), and `image_mean`/`image_std` hold one value each. A
+            config with `backbone_kwargs["in_chans"]` (before this field) loads with that count.
         image_size (`int`, defaults to 224):
             Side of the square crop the encoder was trained on; exported encoders carry it in timm's
             `pretrained_cfg`, with the mean and standard deviation below.
@@ -135,6 +140,7 @@ class MocoConfig(PretrainedConfig):
         freeze_patch_embed: bool = False,
         shuffle_bn: str = "auto",
         num_splits: int = 8,
+        num_channels: int = 3,
         image_size: int = 224,
         image_mean: list[float] | tuple[float, ...] = (0.485, 0.456, 0.406),
         image_std: list[float] | tuple[float, ...] = (0.229, 0.224, 0.225),
@@ -164,6 +170,11 @@ class MocoConfig(PretrainedConfig):
         self.freeze_patch_embed = freeze_patch_embed
         self.shuffle_bn = shuffle_bn
         self.num_splits = num_splits
+        in_chans = self.backbone_kwargs.pop("in_chans", None)  # timm's name, where configs kept it before
+        if in_chans is not None and num_channels not in (3, in_chans):
+            raise ValueError(f"MocoConfig.num_channels is {num_channels} but backbone_kwargs['in_chans'] is "
+                             f"{in_chans}: give one of them.")  # fmt: skip
+        self.num_channels = num_channels if in_chans is None else in_chans
         self.image_size = image_size
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
@@ -239,9 +250,12 @@ class MocoConfig(PretrainedConfig):
         _check(_is_int(self.num_splits) and self.num_splits >= 1, "num_splits", self.num_splits, "a positive integer")
         ok = _is_int(self.image_size) and MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE
         _check(ok, "image_size", self.image_size, f"an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}")
+        ok = _is_int(self.num_channels) and 1 <= self.num_channels <= MAX_CHANNELS
+        _check(ok, "num_channels", self.num_channels, f"an integer from 1 to {MAX_CHANNELS}")
         for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            _check(len(value) == 3 and all(_is_number(v) for v in value), name, value, "3 numbers (one per channel)")
+            value, count = getattr(self, name), self.num_channels
+            _check(len(value) == count and all(_is_number(v) for v in value), name, value,
+                   f"{count} numbers (one per channel, `num_channels` {count})")  # fmt: skip
         _check(all(v > 0 for v in self.image_std), "image_std", self.image_std, "positive numbers")
         _check(self.augmentation in AUGMENTATIONS, "augmentation", self.augmentation, f"one of {AUGMENTATIONS}")
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")

@@ -51,6 +51,7 @@ def official_to_moco(
     config_overrides["image_size"] = image_size or checkpoint.get("image_size") or OFFICIAL_IMAGE_SIZE
     state = checkpoint.get("state_dict", checkpoint)
     state = {key.removeprefix("module."): value for key, value in state.items()}
+    config_overrides = {**input_bands(state), **config_overrides}
     if any(key.startswith("base_encoder.") for key in state):
         return _official_v3_to_moco(state, backbone, **config_overrides)
     if "queue" not in state or not any(key.startswith("encoder_q.") for key in state):
@@ -83,6 +84,18 @@ def official_to_moco(
 V3_ENCODERS = {"base_encoder": "encoder_q", "momentum_encoder": "encoder_k"}
 # moco-v3's ViTs by width: timm's architecture, with 12 heads (its ViT-Small has 12 where timm's has 6).
 OFFICIAL_VITS = {384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
+
+
+FIRST_LAYERS = ("encoder_q.conv1.weight", "base_encoder.conv1.weight", "base_encoder.patch_embed.proj.weight")
+
+
+def input_bands(state: dict) -> dict:
+    """The input channel count of an official checkpoint, read from its first layer (e.g. 13 for SSL4EO-S12's
+    Sentinel-2 MoCo checkpoints), as config fields when it is not RGB: `num_channels`, and a mean of 0 and std of 1
+    per band, since the checkpoint does not record the statistics its bands were normalised with (set them)."""
+    first = next((state[name] for name in FIRST_LAYERS if name in state), None)
+    bands = 3 if first is None else first.shape[1]
+    return {} if bands == 3 else {"num_channels": bands, "image_mean": [0.0] * bands, "image_std": [1.0] * bands}
 
 
 def _official_vit(state: dict) -> tuple[str, dict]:

@@ -27,13 +27,15 @@ def timm_network(model: MocoModel | MocoForImageClassification) -> tuple[nn.Modu
     """The timm network an export saves, and the model config fields timm records with it: a MocoModel's query
     backbone (no classifier), or a classifier's backbone with its linear layer as timm's own head (`num_classes`,
     `label_names`), so that timm computes the same logits."""
+    # timm builds the first layer from `in_chans` (model_args), not from pretrained_cfg's input size
+    channels = {} if model.config.num_channels == 3 else {"in_chans": model.config.num_channels}
     if not isinstance(model, MocoForImageClassification):
-        return model.base_model, {}
+        return model.base_model, channels
     network = copy.deepcopy(model.base_model)
     network.reset_classifier(model.num_labels)
     if model.num_labels:
         network.get_classifier().load_state_dict(model.classifier.state_dict())
-    return network, {"label_names": model.label_names}
+    return network, {"label_names": model.label_names, **channels}
 
 
 def export_encoder(
@@ -58,7 +60,7 @@ def export_encoder(
     save_directory = Path(save_directory)
     size = model.config.image_size
     data_config = {
-        "input_size": (model.config.backbone_kwargs.get("in_chans", 3), size, size),
+        "input_size": (model.config.num_channels, size, size),
         "mean": tuple(model.config.image_mean),
         "std": tuple(model.config.image_std),
         "crop_pct": 1.0 if size <= 64 else 0.875,

@@ -227,7 +227,8 @@ def use_cifar_stem(backbone: nn.Module, name: str) -> None:
 
 def build_backbone(config: MocoConfig) -> nn.Module:
     """The config's timm backbone, created with `num_classes=0` (it returns pooled features), CIFAR stem if asked."""
-    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, in_chans=config.num_channels,
+                                 **config.backbone_kwargs)  # fmt: skip
     if config.cifar_stem:
         use_cifar_stem(backbone, config.backbone)
     return backbone
@@ -333,11 +334,11 @@ class MocoPreTrainedModel(PreTrainedModel):
                 + (" (a single image? add a batch dimension with .unsqueeze(0))" if images.ndim == 3 else "")
                 + "."
             )
-        channels = self.config.backbone_kwargs.get("in_chans", 3)
+        channels = self.config.num_channels
         if images.shape[1] != channels:
             raise ValueError(
-                f"{name} must have {channels} channels (the backbone's in_chans), got {images.shape[1]} in shape "
-                f"{tuple(images.shape)}; convert images to RGB first (or set backbone_kwargs['in_chans'])."
+                f"{name} must have {channels} channels (`config.num_channels`), got {images.shape[1]} in shape "
+                f"{tuple(images.shape)}" + ("; convert images to RGB first." if channels == 3 else ".")
             )
         return images.to(self.dtype) if images.is_floating_point() else images
 

@@ -21,6 +21,7 @@ MAX_BACKBONE_INT, MAX_BACKBONE_DEPTH = 2**16, 1000
 # The same for the sizes MoCo itself allocates: embedding and hidden widths, head depth, input size, and the queue as
 # a whole (K x dim fp32 numbers: 2^27 is 512 MiB, the papers' 65536 x 128 is 2^23).
 MAX_WIDTH, MAX_HEAD_LAYERS, MAX_IMAGE_SIZE, MAX_QUEUE_NUMBERS = 2**16, 16, 4096, 2**27
+MAX_CHANNELS = 256  # input bands: RGB 3, Sentinel-2 13, hyperspectral cameras a few hundred
 MIN_IMAGE_SIZE = 8  # the views' 3x3 blur needs more than its padding; ResNets reduce 32x (to 1x1 at 32 px)
 MIN_TEMPERATURE = 0.01  # the papers use 0.07-1; below this the logits (cosine / T) overflow and the loss is noise
 
