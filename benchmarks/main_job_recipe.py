@@ -14,12 +14,17 @@ taken over the same encoder before training with its BatchNorm statistics calibr
   random encoder, BatchNorm calibrated, head-feature kNN with all 50,000 training images as the bank and the
   10,000 test images as queries (`training/knn_eval.py --random_init --feature head`), so that the docs can say
   how much of the demo's epoch-1 figure is learning.
+* `grey`: the main job on CIFAR-10 turned into one grey channel (ITU-R 601 luma, Pillow's "L", stored as 8-bit PNG),
+  a model of `num_channels` 1 (not the grey repeated three times), with the `multiband` augmentation (hue,
+  saturation and grayscale need colour) and the grey training images' mean and std; and its control at learning
+  rate 1e-12. Beside `confirm`'s RGB rows of the same seed (issue 41).
 * `plot`: the figure of the search and the confirmation. The tables are in `docs/main-job.md`, generated from the
   result file by `scripts/docs_tables.py`.
 
     python -m benchmarks.main_job_recipe search --only base lr_0.06
     python -m benchmarks.main_job_recipe confirm --seeds 0 1 2
     python -m benchmarks.main_job_recipe demo-epoch0 --seeds 0
+    python -m benchmarks.main_job_recipe grey --seeds 0
     python -m benchmarks.main_job_recipe plot
 """
 
@@ -157,6 +162,55 @@ def confirm(seeds: list[int], control: bool) -> None:
               f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
 
 
+def grey_dataset() -> tuple[Path, float, float]:
+    """CIFAR-10 (both splits) with each image turned into one grey channel, written once under outputs/; and the
+    mean and std of the grey training pixels (in [0, 1])."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder = WORK / "cifar10-grey" / "data"
+    statistics = folder.parent / "statistics.json"
+    if not statistics.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            table = pa.concat_tables(pq.read_table(f) for f in sorted((Path(CIFAR10) / "data").glob(f"{split}-*")))
+            grey, pixels = [], []
+            for image in table.column("image").to_pylist():
+                picture = Image.open(io.BytesIO(image["bytes"])).convert("L")
+                buffer = io.BytesIO()
+                picture.save(buffer, format="PNG")
+                grey.append({"bytes": buffer.getvalue(), "path": None})
+                pixels.append(np.asarray(picture, dtype=np.float64) / 255.0)
+            column = pa.array(grey, type=table.schema.field("image").type)
+            pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", column),
+                           folder / f"{split}-00000-of-00001.parquet")  # fmt: skip
+            if split == "train":
+                values = np.stack(pixels)
+                statistics.write_text(json.dumps({"mean": float(values.mean()), "std": float(values.std())}))
+    measured = json.loads(statistics.read_text())
+    return folder.parent, measured["mean"], measured["std"]
+
+
+def grey(seeds: list[int], control: bool) -> None:
+    data, mean, std = grey_dataset()
+    grey_flags = ["--num_channels", "1", "--augmentation", "multiband", "--image_mean", f"{mean:.4f}",
+                  "--image_std", f"{std:.4f}"]  # fmt: skip
+    runs = [(f"grey seed {seed}", ["--seed", str(seed)]) for seed in seeds]
+    runs += [("grey control lr 1e-12 seed 0", ["--learning_rate", "1e-12"])] if control else []
+    for name, extra in runs:
+        output_dir = WORK / name.replace(" ", "_")
+        command = ["bash", "scripts/pretrain.sh", "--dataset_name", str(data), *grey_flags, *extra]
+        measured = run([*command, "--output_dir", str(output_dir)], output_dir)
+        results = load()
+        shown = " ".join(command).replace(str(data), "<grey CIFAR-10>")
+        results.setdefault("grey", {})[name] = {"command": shown, **measured}
+        save(results)
+        print(f"{name}: {measured['knn_top1_initial']:.2f} -> {measured['knn_top1']:.2f} "
+              f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+
+
 def demo_epoch0(seeds: list[int]) -> None:
     """The cifar10-demo preset's random encoder, calibrated, measured as the reproduction measures its epochs."""
     from moco_hf import MocoConfig, MocoModel
@@ -231,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     confirming.add_argument("--no_control", action="store_true")
     demo = stages.add_parser("demo-epoch0", help="the reproduction's calibrated random encoder (full CIFAR-10)")
     demo.add_argument("--seeds", nargs="+", type=int, default=[0])
+    greying = stages.add_parser("grey", help="the main job on one grey channel, and its control")
+    greying.add_argument("--seeds", nargs="+", type=int, default=[0])
+    greying.add_argument("--no_control", action="store_true")
     stages.add_parser("plot", help="the figure of the result file")
     args = parser.parse_args(argv)
     if args.stage == "search":
@@ -239,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         confirm(args.seeds, not args.no_control)
     elif args.stage == "demo-epoch0":
         demo_epoch0(args.seeds)
+    elif args.stage == "grey":
+        grey(args.seeds, not args.no_control)
     else:
         plot()
 

@@ -52,18 +52,23 @@ def __getattr__(name: str) -> Any:
 
 def register_auto_classes() -> None:
     """Register the models with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-    `AutoModelForImageClassification`, `AutoBackbone`) and for `trust_remote_code` saving (`auto_map` and the model's
-    code go with every `save_pretrained` / `push_to_hub`). Idempotent; `import moco_hf` calls it."""
-    from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+    `AutoModelForImageClassification`, `AutoBackbone`; `AutoImageProcessor` for band images) and for
+    `trust_remote_code` saving (`auto_map` and the model's code go with every `save_pretrained` / `push_to_hub`).
+    Idempotent; `import moco_hf` calls it."""
+    from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
     from .backbone import MocoBackbone
     from .configuration_moco import MocoConfig
+    from .image_processing import MocoBandImageProcessor
     from .modeling_moco import MocoForImageClassification, MocoModel
 
     AutoConfig.register(MocoConfig.model_type, MocoConfig, exist_ok=True)
     AutoModel.register(MocoConfig, MocoModel, exist_ok=True)
     AutoModelForImageClassification.register(MocoConfig, MocoForImageClassification, exist_ok=True)
     AutoBackbone.register(MocoConfig, MocoBackbone, exist_ok=True)  # detectors and segmenters: `backbone_config`
+    # Models of other band counts than 3 save this processor by name (RGB ones save transformers' BitImageProcessor).
+    AutoImageProcessor.register(MocoConfig, slow_image_processor_class=MocoBandImageProcessor, exist_ok=True)
+    MocoBandImageProcessor.register_for_auto_class("AutoImageProcessor")
     MocoConfig.register_for_auto_class()
     MocoModel.register_for_auto_class("AutoModel")
     MocoForImageClassification.register_for_auto_class("AutoModelForImageClassification")

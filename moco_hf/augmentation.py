@@ -8,7 +8,10 @@ makes the query and the key view of the same image. One builder, `moco_view`, ma
 * v3 (BYOL's asymmetric pair): crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2; view 1
   always blurred and never solarized, view 2 blurred with p=0.1 and solarized with p=0.2;
 * cifar10-demo (the official CIFAR-10 demo notebook): crop scale (0.08, 1), jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
-  grayscale p=0.2, no blur, flip (the demo flips before the jitter; colour ops and a flip commute).
+  grayscale p=0.2, no blur, flip (the demo flips before the jitter; colour ops and a flip commute);
+* multiband (images that are not RGB): v2 without saturation, hue and grayscale: brightness and contrast (0.4, 0.4)
+  p=0.8 on all bands at once, blur p=0.5, flip. Band images take `moco_hf.batched_augmentation`'s path (per image
+  or per batch), whose colour operations take any band count.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .image_processing import evaluation_resize
+from .presets import check_augmentation_channels
 
 Transform = Callable[[object], torch.Tensor]
 
@@ -45,11 +49,14 @@ class ViewRecipe:
 V1_VIEW = ViewRecipe(jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_first=True, blur_p=0.0)
 V3_VIEW = ViewRecipe(crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
 CIFAR10_DEMO_VIEW = ViewRecipe(crop_scale=(0.08, 1.0), blur_p=0.0)
+# v2's view without what only RGB has (saturation, hue, grayscale): any number of bands.
+MULTIBAND_VIEW = ViewRecipe(jitter=(0.4, 0.4, 0.0, 0.0), grayscale_p=0.0)
 RECIPES: dict[str, tuple[ViewRecipe, ViewRecipe]] = {  # (query view, key view)
     "v1": (V1_VIEW, V1_VIEW),
     "v2": (ViewRecipe(), ViewRecipe()),
     "v3": (replace(V3_VIEW, blur_p=1.0), replace(V3_VIEW, blur_p=0.1, solarize_p=0.2)),
     "cifar10-demo": (CIFAR10_DEMO_VIEW, CIFAR10_DEMO_VIEW),
+    "multiband": (MULTIBAND_VIEW, MULTIBAND_VIEW),
 }
 
 
@@ -153,6 +160,7 @@ def build_two_crops(
     """The two-crop transform of recipe `"v1"`, `"v2"`, `"v3"` or `"cifar10-demo"` at crop size `size`."""
     if recipe not in RECIPES:
         raise ValueError(f"Unknown augmentation {recipe!r}; choose one of {sorted(RECIPES)}.")
+    check_augmentation_channels(recipe, len(mean))
     query_view, key_view = RECIPES[recipe]
     query = moco_view(query_view, size, mean, std)
     return TwoCropsTransform(query, None if key_view == query_view else moco_view(key_view, size, mean, std))

@@ -18,15 +18,17 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 from torchvision.ops import roi_align
-from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-from .augmentation import RECIPES, ViewRecipe, blur_kernel_size
+from .augmentation import RECIPES, TwoCropsTransform, ViewRecipe, blur_kernel_size
+from .presets import check_augmentation_channels
 
 # One row of floats per image and view; `ViewParameters` reads the columns by name.
 PARAM_COLUMNS = ("top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
@@ -101,7 +103,7 @@ class ViewParameters:
         return self.rows[:, COLUMN["order_0"] : COLUMN["grayscale"]].long()
 
 
-# ---- batched image operations (float images in [0, 1], `(B, 3, H, W)`; per-image factors `(B,)`) -----------------
+# ---- batched image operations (float images `(B, C, H, W)`, in [0, 1] where `bounded`; per-image factors `(B,)`) ----
 
 
 def per_image(values: torch.Tensor) -> torch.Tensor:
@@ -109,26 +111,30 @@ def per_image(values: torch.Tensor) -> torch.Tensor:
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """`(B, 1, H, W)` luma."""
+    """`(B, 1, H, W)` luma of RGB images; the mean of the bands of any other count."""
+    if images.shape[1] != 3:
+        return images.mean(dim=1, keepdim=True)
     red, green, blue = images.unbind(dim=1)
     return (GRAY_WEIGHTS[0] * red + GRAY_WEIGHTS[1] * green + GRAY_WEIGHTS[2] * blue).unsqueeze(1)
 
 
-def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def blend(images: torch.Tensor, other: torch.Tensor, factors: torch.Tensor, bounded: bool) -> torch.Tensor:
+    """torchvision's blend; values stay in [0, 1] only for `bounded` (8-bit) images: bands keep their range."""
     ratio = per_image(factors)
-    return (ratio * images + (1.0 - ratio) * other).clamp_(0.0, 1.0)
+    blended = ratio * images + (1.0 - ratio) * other
+    return blended.clamp_(0.0, 1.0) if bounded else blended
 
 
-def adjust_brightness(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, torch.zeros_like(images), factors)
+def adjust_brightness(images: torch.Tensor, factors: torch.Tensor, bounded: bool = True) -> torch.Tensor:
+    return blend(images, torch.zeros_like(images), factors, bounded)
 
 
-def adjust_contrast(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factors)
+def adjust_contrast(images: torch.Tensor, factors: torch.Tensor, bounded: bool = True) -> torch.Tensor:
+    return blend(images, grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factors, bounded)
 
 
-def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return blend(images, grayscale(images), factors)
+def adjust_saturation(images: torch.Tensor, factors: torch.Tensor, bounded: bool = True) -> torch.Tensor:
+    return blend(images, grayscale(images), factors, bounded)
 
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -160,25 +166,28 @@ def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
     return candidates.gather(1, table[:, sector].permute(1, 0, 2, 3))
 
 
-def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+def adjust_hue(images: torch.Tensor, factors: torch.Tensor, bounded: bool = True) -> torch.Tensor:
     hsv = rgb_to_hsv(images)
     hue = (hsv[:, 0] + factors.view(-1, 1, 1)) % 1.0
     return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
 
 
-JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor], ...] = (
     adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue  # torchvision's fn_idx numbering
 )  # fmt: skip
 
 
-def color_jitter(images: torch.Tensor, params: ViewParameters) -> torch.Tensor:
-    """Each jittered image gets its four adjustments in its own random order (torchvision's `fn_idx`)."""
+def color_jitter(
+    images: torch.Tensor, params: ViewParameters, strengths: Sequence[float], bounded: bool
+) -> torch.Tensor:
+    """Each jittered image gets its adjustments in its own random order (torchvision's `fn_idx`); one of strength 0
+    is left out, as torchvision's `ColorJitter` leaves it."""
     applies, order, factors = params.flag("jitter"), params.jitter_order, params.jitter_factors
     for position in range(4):
         for op_index, op in enumerate(JITTER_OPS):
             chosen = applies & (order[:, position] == op_index)
-            if chosen.any():
-                images[chosen] = op(images[chosen], factors[chosen, op_index])
+            if strengths[op_index] > 0 and chosen.any():
+                images[chosen] = op(images[chosen], factors[chosen, op_index], bounded)
     return images
 
 
@@ -219,22 +228,24 @@ def resized_crops(images: torch.Tensor, params: ViewParameters, size: int) -> to
 
 
 class BatchedView:
-    """One view of a recipe for a batch: `(B, 3, H, W)` uint8 images and their parameter rows in, `(B, 3, size,
-    size)` normalised float images out."""
+    """One view of a recipe for a batch: `(B, C, H, W)` images (uint8 RGB, or float bands) and their parameter rows
+    in, `(B, C, size, size)` normalised float images out."""
 
     def __init__(self, recipe: ViewRecipe, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.recipe, self.size = recipe, size
         self.blur_kernel_size = blur_kernel_size(size)
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         params = ViewParameters(rows)
-        views = resized_crops(images.float().div_(255.0), params, self.size)
+        bounded = images.dtype == torch.uint8
+        views = resized_crops(images.float().div_(255.0) if bounded else images.float(), params, self.size)
+        jitter = partial(color_jitter, params=params, strengths=self.recipe.jitter, bounded=bounded)
         if self.recipe.grayscale_first:
-            views = color_jitter(random_grayscale(views, params), params)
+            views = jitter(random_grayscale(views, params))
         else:
-            views = random_grayscale(color_jitter(views, params), params)
+            views = random_grayscale(jitter(views), params)
         views = random_gaussian_blur(views, params, self.blur_kernel_size)
         solarized = per_image(params.flag("solarize")) & (views >= 128 / 255)  # RandomSolarize(threshold=128)
         views = torch.where(solarized, 1.0 - views, views)
@@ -248,37 +259,61 @@ class OnDeviceTwoCrops:
     Images whose short side exceeds `max_short_side` (default: twice the crop), or whose long side exceeds twice
     that, are first shrunk in the worker (aspect ratio kept), so that large photos travel as small tensors; crops
     are then drawn from the shrunk image. The long-side bound caps a batch, padded to its largest height and width,
-    at B x 3 x (2 * max_short_side)^2 pixels whatever the images' shapes: a very thin image (20,000,000 x 1 is under
-    PIL's pixel limit) would otherwise make every image of its batch that long.
+    at B x C x (2 * max_short_side)^2 pixels whatever the images' shapes: a very thin image (20,000,000 x 1 is under
+    PIL's pixel limit) would otherwise make every image of its batch that long. Images are RGB PIL images (sent as
+    uint8) or float `(C, H, W)` bands (`moco_hf.bands`), whose values keep their range.
     """
 
     def __init__(self, recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
                  max_short_side: int | None = None) -> None:  # fmt: skip
         if recipe not in RECIPES:
             raise ValueError(f"Unknown augmentation {recipe!r}; choose one of {sorted(RECIPES)}.")
+        check_augmentation_channels(recipe, len(mean))
         query_view, key_view = RECIPES[recipe]
         self.samplers = (ViewSampler(query_view), ViewSampler(key_view))
         self.views = (BatchedView(query_view, size, mean, std), BatchedView(key_view, size, mean, std))
         self.max_short_side = max_short_side or 2 * size
 
-    def shrink(self, image: PILImage.Image) -> PILImage.Image:
-        scale = min(self.max_short_side / min(image.size), 2 * self.max_short_side / max(image.size))
-        if scale >= 1:
-            return image
-        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        return image.resize(new_size, PILImage.Resampling.BILINEAR, reducing_gap=2.0)
+    def shrink(self, image: PILImage.Image | torch.Tensor) -> torch.Tensor:
+        """The image's pixels `(C, H, W)`, shrunk (bilinear, antialiased) to the bounds."""
+        height, width = image.shape[-2:] if isinstance(image, torch.Tensor) else (image.height, image.width)
+        scale = min(self.max_short_side / min(height, width), 2 * self.max_short_side / max(height, width))
+        new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if isinstance(image, torch.Tensor):
+            return image if scale >= 1 else resize(image, [new_size[1], new_size[0]], antialias=True)
+        if scale < 1:
+            image = image.resize(new_size, PILImage.Resampling.BILINEAR, reducing_gap=2.0)
+        return pil_to_tensor(image)
 
-    def loader_item(self, image: PILImage.Image, seed: int) -> dict[str, torch.Tensor]:
-        """In a loader worker: the uint8 pixels `(3, H, W)` and both views' parameter rows, drawn from `seed`."""
-        pixels = pil_to_tensor(self.shrink(image))
+    def loader_item(self, image: PILImage.Image | torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """In a loader worker: the pixels `(C, H, W)` and both views' parameter rows, drawn from `seed`."""
+        pixels = self.shrink(image)
         rng, (height, width) = random.Random(seed), pixels.shape[-2:]
         rows = [sampler(rng, height, width) for sampler in self.samplers]
         return {"image": pixels, "query_params": torch.tensor(rows[0]), "key_params": torch.tensor(rows[1])}
 
     def on_device(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `(B, 3, size, size)` query and key views of a collated batch of `loader_item`s, made on `device`."""
+        """The `(B, C, size, size)` query and key views of a collated batch of `loader_item`s, made on `device`."""
         images = batch["image"].to(device, non_blocking=True)
         return tuple(
             view(images, batch[name].to(device, non_blocking=True))
             for view, name in zip(self.views, ("query_params", "key_params"), strict=True)
         )
+
+
+class PerImageTwoCrops:
+    """`OnDeviceTwoCrops` applied to one image at a time in the loader workers: the per-image path for band images
+    (torchvision's colour transforms take 1 or 3 channels only). From the same seed, the same views as on the device."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.batched = OnDeviceTwoCrops(*args, **kwargs)
+
+    def loader_item(self, image: PILImage.Image | torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        item = {name: value.unsqueeze(0) for name, value in self.batched.loader_item(image, seed).items()}
+        query, key = self.batched.on_device(item, torch.device("cpu"))
+        return {"query": query[0], "key": key[0]}
+
+    def query_view(self, image: PILImage.Image | torch.Tensor, seed: int) -> torch.Tensor:
+        return self.loader_item(image, seed)["query"]
+
+    on_device = staticmethod(TwoCropsTransform.on_device)

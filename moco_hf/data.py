@@ -18,11 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import queue
 import signal
-import stat
-import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +27,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from datasets import (
+    Array2D,
+    Array3D,
     ClassLabel,
     Dataset,
     DatasetDict,
     Image,
     IterableDataset,
     IterableDatasetDict,
+    LargeList,
+    List,
     ReadInstruction,
     concatenate_datasets,
     load_dataset,
@@ -46,7 +46,9 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from .bands import decode_bands, stored_bands
 from .errors import DataError, first_line
+from .image_files import loaded, read_image_file
 
 HUB_CIFAR10 = "uoft-cs/cifar10"  # the default dataset
 DEFAULT_DATASET_VARIABLE = "MOCO_HF_DEFAULT_DATASET"  # e.g. a local copy of it, for machines without the Hub
@@ -175,10 +177,15 @@ def dataset_fingerprint(dataset: Dataset | IterableDataset, image_column: str, r
     `FINGERPRINT_ROWS` rows, image content included (read from the file when a row holds a path) and file paths
     left out, so the same data under another path has the same fingerprint and other data another one."""
     digest = hashlib.sha256()
-    head = take_rows(dataset, 0, FINGERPRINT_ROWS).cast_column(image_column, Image(decode=False))
+    head = take_rows(dataset, 0, FINGERPRINT_ROWS)
+    files = isinstance(head.features[image_column], Image)
+    head = head.cast_column(image_column, Image(decode=False)) if files else head.with_format("numpy")
     for row in head:
-        image = row.pop(image_column) or {}
-        content = image.get("bytes")
+        image = row.pop(image_column)
+        if not files:  # an array: its values and shape
+            digest.update(repr(np.shape(image)).encode() + np.ascontiguousarray(image).tobytes())
+            image = {}
+        content = (image or {}).get("bytes")
         if content is None and image.get("path"):
             try:
                 content = read_image_file(image["path"])
@@ -189,8 +196,12 @@ def dataset_fingerprint(dataset: Dataset | IterableDataset, image_column: str, r
     return f"{'?' if rows is None else rows} rows, sha256 of the first {FINGERPRINT_ROWS} {digest.hexdigest()[:16]}"
 
 
+ARRAY_FEATURES = (Array2D, Array3D, List, LargeList)  # columns that may hold an image as an array of values
+
+
 def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None) -> str:
-    """`image_column` if given (checked), else the only column of type `datasets.Image`."""
+    """`image_column` if given (checked), else the only column of type `datasets.Image`, else (none of that type)
+    the only column holding arrays (`Array2D`, `Array3D`, nested lists)."""
     features = dataset.features or {}
     if image_column is not None:
         if image_column not in features:
@@ -199,8 +210,9 @@ def find_image_column(dataset: Dataset | IterableDataset, image_column: str | No
             )
         return image_column
     candidates = [name for name, feature in features.items() if isinstance(feature, Image)]
+    candidates = candidates or [name for name, feature in features.items() if isinstance(feature, ARRAY_FEATURES)]
     if len(candidates) != 1:
-        what = "no column of type Image" if not candidates else f"several Image columns {candidates}"
+        what = "no column of type Image or array" if not candidates else f"several image columns {candidates}"
         raise DataError(f"the dataset has {what} (columns: {sorted(features)}); pass `image_column` NAME.")
     return candidates[0]
 
@@ -243,6 +255,75 @@ def eight_bit_grey(array: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(array.astype(np.float64)) * (255.0 / top)).round().clip(0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class ImageReader:
+    """How stored images become what the augmentations take. An RGB model (`num_channels` 3) reading image files
+    gets upright 8-bit RGB PIL images (`to_rgb`), as torchvision's recipes expect; any other band count, or images
+    held as arrays, gets float `(C, H, W)` tensors at the images' own bit depth (`moco_hf.bands`). An image with
+    another band count than `num_channels`, or with NaN or infinite values, is undecodable: counted and replaced."""
+
+    num_channels: int = 3
+    band_layout: str = "auto"
+    bands: bool = False
+    array_dtype: str | None = None  # the stored type of an array column (`datasets` hands integers out as int64)
+
+    @classmethod
+    def for_column(cls, dataset: Dataset | IterableDataset, column: str, num_channels: int = 3,
+                   band_layout: str = "auto") -> ImageReader:  # fmt: skip
+        feature = (dataset.features or {}).get(column)
+        if isinstance(feature, Image):
+            return cls(num_channels, band_layout, bands=num_channels != 3)
+        while isinstance(feature, (List, LargeList)):  # nested lists of values: the innermost value's type
+            feature = feature.feature
+        return cls(num_channels, band_layout, bands=True, array_dtype=getattr(feature, "dtype", None))
+
+    @staticmethod
+    def prepare(dataset: Dataset | IterableDataset, column: str) -> Dataset | IterableDataset:
+        """`dataset` with `column` as the reader takes it: image files undecoded (bytes or path), arrays as numpy."""
+        if isinstance(dataset.features[column], Image):
+            return dataset.cast_column(column, Image(decode=False))
+        return dataset.with_format("numpy")
+
+    def __call__(self, value: Any) -> tuple[PILImage.Image | torch.Tensor | None, str | None]:
+        """The image, or None and the reason it cannot be used."""
+        if not self.bands:
+            return decode_image_or_reason(value)
+        try:
+            value = self.stored(value)
+        except OSError as error:  # TimeoutError included
+            return None, f"{type(error).__name__}: {first_line(error)}"
+        return decode_bands(value, self.num_channels, self.band_layout)
+
+    def stored(self, value: Any) -> Any:
+        """A row's image as stored: a file's bytes (read from its path), or an array of the column's type."""
+        if isinstance(value, dict):
+            return {"bytes": read_image_file(value["path"])} if not value.get("bytes") and value.get("path") else value
+        if self.array_dtype is not None and value is not None:
+            return np.asarray(value).astype(self.array_dtype, copy=False)
+        return value
+
+    def check_band_count(self, dataset: Dataset | IterableDataset, column: str, rows: int = 100) -> None:
+        """Stop with one line when the first readable image of `column` has another band count than the model:
+        the wrong data or the wrong `num_channels`, not a few bad files. (Later ones are counted and skipped.)"""
+        if not self.bands:
+            return
+        for row in take_rows(self.prepare(dataset, column), 0, rows):
+            try:
+                shape = stored_bands(self.stored(row[column]), self.num_channels, self.band_layout).shape
+            except Exception:  # unreadable: counted when training reaches it
+                continue
+            if shape[0] != self.num_channels:
+                raise DataError(
+                    f"the first readable image of column {column!r} has {shape[0]} band(s) (shape {shape}, "
+                    f"`band_layout` {self.band_layout}) but `num_channels` is {self.num_channels}: pass "
+                    f"`num_channels` {shape[0]}, or convert the images."
+                )
+            return
+
+
+RGB_READER = ImageReader()
+
+
 def decode_image(value: Any) -> PILImage.Image | None:
     """A `datasets.Image(decode=False)` value (bytes or path) as an RGB PIL image; None if it cannot be decoded."""
     return decode_image_or_reason(value)[0]
@@ -264,74 +345,6 @@ def decode_image_or_reason(value: Any) -> tuple[PILImage.Image | None, str | Non
         return to_rgb(ImageOps.exif_transpose(image)), None  # upright, as datasets.Image decodes it
     except Exception as error:  # a corrupt file must never stop a run: it is counted by the caller
         return None, f"{type(error).__name__}: {first_line(error)}"
-
-
-READ_SECONDS = 60.0  # one image file's read; a slower one (a hung network mount) is skipped like a broken file
-MAX_IMAGE_FILE_BYTES = 1 << 30  # a larger "image" is refused unread (an uncompressed 179-megapixel RGB is 0.5 GiB)
-
-
-def read_regular_file(path: str) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `MAX_IMAGE_FILE_BYTES`. A FIFO, device or socket is
-    refused without a read: opening a FIFO waits for a writer and reading a device may never end. Opened
-    non-blocking, then checked, so a file swapped for a FIFO after a check cannot block either."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-        status = os.fstat(file.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise OSError(f"not a regular file (a FIFO, device or socket): {path}")
-        if status.st_size > MAX_IMAGE_FILE_BYTES:
-            raise OSError(f"{status.st_size} bytes, over the {MAX_IMAGE_FILE_BYTES} bytes an image file may have")
-        return file.read()
-
-
-class BoundedCalls:
-    """Runs calls in a helper thread and waits at most `seconds` for each: one that never returns (a read from a hung
-    network filesystem) costs an abandoned daemon thread and a `TimeoutError`, not the run; the next call gets a new
-    thread. One helper per process (a forked loader worker starts its own)."""
-
-    def __init__(self) -> None:
-        self.pid: int | None = None
-        self.requests: queue.SimpleQueue | None = None
-
-    @staticmethod
-    def serve(requests: queue.SimpleQueue) -> None:
-        while True:
-            function, args, answer = requests.get()
-            try:
-                answer.put((function(*args), None))
-            except BaseException as error:  # handed to the caller, who raises it
-                answer.put((None, error))
-
-    def __call__(self, seconds: float, function: Any, *args: Any) -> Any:
-        if self.pid != os.getpid():
-            self.requests, self.pid = queue.SimpleQueue(), os.getpid()
-            threading.Thread(target=self.serve, args=(self.requests,), daemon=True, name="bounded-calls").start()
-        answer: queue.SimpleQueue = queue.SimpleQueue()
-        self.requests.put((function, args, answer))
-        try:
-            result, error = answer.get(timeout=seconds)
-        except queue.Empty:
-            self.pid = None  # that thread is stuck in the call: the next call starts another
-            raise TimeoutError(f"{getattr(function, '__name__', 'the call')}{args} took more than {seconds:g} s") \
-                from None  # fmt: skip
-        if error is not None:
-            raise error
-        return result
-
-
-bounded = BoundedCalls()
-
-
-def read_image_file(path: str) -> bytes:
-    """`read_regular_file(path)`, given at most `READ_SECONDS`: the rule that no single image can hang the run."""
-    return bounded(READ_SECONDS, read_regular_file, path)
-
-
-def loaded(image: PILImage.Image) -> PILImage.Image:
-    """`image` with its pixels read; a decompression bomb raises instead of being decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-        image.load()
-    return image
 
 
 def dataset_rows(dataset: Dataset | IterableDataset) -> int | None:
@@ -425,10 +438,11 @@ class StreamBatches(torch.utils.data.IterableDataset):
         seed: int,
         rank: int = 0,
         skip_batches: int = 0,
+        reader: ImageReader = RGB_READER,
     ) -> None:
         super().__init__()
-        self.dataset = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
-        self.image_column = image_column
+        self.dataset = reader.prepare(dataset.select_columns([image_column]), image_column)
+        self.image_column, self.reader = image_column, reader
         self.two_crops = two_crops
         self.batch_size = batch_size
         self.seed = seed
@@ -466,7 +480,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 if to_skip:
                     to_skip -= 1
                     continue
-                image, reason = decode_image_or_reason(row[self.image_column])
+                image, reason = self.reader(row[self.image_column])
                 if failures.add(reason):
                     yield {"error": failures.message()}
                     return
@@ -545,9 +559,10 @@ class MapStyleBatches(torch.utils.data.Dataset):
     the batch shuffle and split BatchNorm need; that image is then seen twice. `StreamBatches` follows the same rule.
     """
 
-    def __init__(self, dataset: Dataset, image_column: str, two_crops: TwoViewAugmentation, order: GlobalOrder) -> None:
-        self.dataset = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
-        self.image_column, self.two_crops, self.order = image_column, two_crops, order
+    def __init__(self, dataset: Dataset, image_column: str, two_crops: TwoViewAugmentation, order: GlobalOrder,
+                 reader: ImageReader = RGB_READER) -> None:  # fmt: skip
+        self.dataset = reader.prepare(dataset.select_columns([image_column]), image_column)
+        self.image_column, self.two_crops, self.order, self.reader = image_column, two_crops, order, reader
         self.cached_epoch, self.cached_permutation = -1, torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -565,7 +580,7 @@ class MapStyleBatches(torch.utils.data.Dataset):
         values = self.dataset[rows[[position for _, position in keys]].tolist()][self.image_column]
         items, skipped, failures = [], 0, UndecodableRun(self.image_column)
         for (_, position), value in zip(keys, values, strict=True):
-            image, reason = decode_image_or_reason(value)
+            image, reason = self.reader(value)
             skipped += image is None
             attempt = 0
             while image is None:  # the next rows of the permutation, until one decodes
@@ -573,7 +588,7 @@ class MapStyleBatches(torch.utils.data.Dataset):
                 if failures.add(reason):
                     return {"error": failures.message()}
                 value = self.dataset[int(rows[(position + attempt) % len(rows)])][self.image_column]
-                image, reason = decode_image_or_reason(value)
+                image, reason = self.reader(value)
             failures.add(None)
             items.append(self.two_crops.loader_item(image, sample_seed(self.order.seed, epoch, position)))
         return {**collate(items), "skipped": skipped}
@@ -626,16 +641,22 @@ def close_loader(batches: Iterator[Any]) -> None:
         shutdown()
 
 
+def usable_images(
+    dataset: Dataset | IterableDataset, image_column: str, reader: ImageReader = RGB_READER
+) -> Iterator[tuple[dict[str, Any], PILImage.Image | torch.Tensor]]:
+    """(row, image) of every row whose image `reader` can use, in order; the others are left out."""
+    for row in reader.prepare(dataset, image_column):
+        image, _ = reader(row[image_column])
+        if image is not None:
+            yield row, image
+
+
 def labelled_images(
-    dataset: Dataset | IterableDataset, image_column: str, label_column: str, limit: int | None
-) -> Iterator[tuple[PILImage.Image, int]]:
-    """(RGB image, label) pairs of the first `limit` decodable rows; undecodable rows are left out."""
-    stream = dataset.cast_column(image_column, Image(decode=False))
-    taken = 0
-    for row in stream:
+    dataset: Dataset | IterableDataset, image_column: str, label_column: str, limit: int | None,
+    reader: ImageReader = RGB_READER,
+) -> Iterator[tuple[PILImage.Image | torch.Tensor, int]]:  # fmt: skip
+    """(image, label) pairs of the first `limit` rows that `reader` can use; the others are left out."""
+    for taken, (row, image) in enumerate(usable_images(dataset, image_column, reader)):
         if limit is not None and taken >= limit:
             return
-        image = decode_image(row[image_column])
-        if image is not None:
-            taken += 1
-            yield image, int(row[label_column])
+        yield image, int(row[label_column])

@@ -23,14 +23,17 @@ from tqdm.auto import tqdm
 
 from .augmentation import build_two_crops, evaluation_transform
 from .batch_norm_calibration import BATCH_NORM_CALIBRATION_IMAGES, calibrate_batch_norm, describe_random_baseline
+from .batched_augmentation import PerImageTwoCrops
 from .configuration_moco import MocoConfig
 from .data import (
+    ImageReader,
     default_dataset_name,
     find_image_column,
     find_label_column,
     hold_out_rows,
     labelled_images,
     load_image_splits,
+    sample_seed,
     select_split,
     split_base_name,
 )
@@ -39,6 +42,7 @@ from .export import timm_reference
 from .knn import HOLD_OUT_SEED, KNN_FEATURES, extract_feature_sets, moco_features
 from .model_sources import MOCO, TIMM_ENCODER, identify_model
 from .modeling_moco import MocoModel
+from .presets import BAND_LAYOUTS
 
 logger = logging.getLogger("moco_hf.evaluation")
 MAX_CLASS_ID = 1_000_000  # a larger id is a mistake, not a class: the linear probe has an output per id
@@ -58,6 +62,11 @@ class FeatureArguments:
     )  # fmt: skip
     image_column: str | None = field(default=None, metadata={"help": "Auto-detected when unique."})
     label_column: str | None = field(default=None, metadata={"help": "Auto-detected when unique."})
+    band_layout: str = field(
+        default="auto",
+        metadata={"help": "Axis order of images held as arrays (auto: the axis of the model's band count).",
+                  "choices": BAND_LAYOUTS},
+    )  # fmt: skip
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
@@ -79,6 +88,7 @@ class Encoder:
     description: str
     module: torch.nn.Module  # what holds the weights (and BatchNorm statistics) that `encode` uses
     augmentation: str  # the two-crop recipe it was (or would be) pretrained with
+    num_channels: int = 3  # input bands
 
 
 def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) -> Encoder:
@@ -94,13 +104,14 @@ def load_encoder(name_or_path: str, random_init: bool = False, seed: int = 0) ->
             lambda images: moco_features(model, images),
             settings.image_size, list(settings.image_mean), list(settings.image_std),
             f"{settings.backbone} ({'random init' if random_init else name_or_path})", model.encoder_q,
-            settings.augmentation,
+            settings.augmentation, settings.num_channels,
         )  # fmt: skip
     model = timm.create_model(timm_reference(name_or_path), pretrained=not random_init, num_classes=0).eval()
     data = timm.data.resolve_data_config({}, model=model)
     return Encoder(
         lambda images: {"backbone": model(images)}, data["input_size"][-1], list(data["mean"]), list(data["std"]),
-        f"{source.config['architecture']} ({'random init' if random_init else name_or_path})", model, "v2",
+        f"{source.config['architecture']} ({'random init' if random_init else name_or_path})", model,
+        "v2" if data["input_size"][0] == 3 else "multiband", data["input_size"][0],
     )  # fmt: skip
 
 
@@ -108,15 +119,23 @@ def calibrate_random_encoder(args: FeatureArguments, encoder: Encoder, dataset: 
     """`encoder` with its BatchNorm statistics calibrated on `BATCH_NORM_CALIBRATION_IMAGES` training images (a
     seeded sample of `dataset`, augmented as its recipe's query view), and a description that says so."""
     rows = dataset.shuffle(seed=args.seed).select(range(min(len(dataset), BATCH_NORM_CALIBRATION_IMAGES)))
-    view = build_two_crops(encoder.augmentation, encoder.image_size, encoder.mean, encoder.std).transform
-    label_column = find_label_column(rows, args.label_column)
-    pairs = labelled_images(rows, find_image_column(rows, args.image_column), label_column, limit=None)
+    image_column = find_image_column(rows, args.image_column)
+    reader = ImageReader.for_column(rows, image_column, encoder.num_channels, args.band_layout)
+    recipe = (encoder.augmentation, encoder.image_size, encoder.mean, encoder.std)
+    two_crops = PerImageTwoCrops(*recipe) if reader.bands else build_two_crops(*recipe)
+
+    def view(image: object, index: int) -> torch.Tensor:
+        if reader.bands:  # the batched operations, one image at a time: any band count
+            return two_crops.query_view(image, sample_seed(args.seed, index))
+        return two_crops.transform(image)
+
+    pairs = labelled_images(rows, image_column, find_label_column(rows, args.label_column), None, reader)
     torch.manual_seed(args.seed)  # torchvision's random views draw from the global generator
 
     def batches() -> Iterator[torch.Tensor]:
         images = []
-        for image, _ in pairs:
-            images.append(view(image))
+        for index, (image, _) in enumerate(pairs):
+            images.append(view(image, index))
             if len(images) == args.batch_size:
                 yield torch.stack(images)
                 images = []
@@ -203,7 +222,7 @@ def split_features(
         "batch_norm_calibration_images": BATCH_NORM_CALIBRATION_IMAGES if args.random_init else 0,
     }
     key |= {name: getattr(args, name) for name in ("model_name_or_path", "random_init", "seed", "image_column",
-                                                   "label_column", "feature")}  # fmt: skip
+                                                   "label_column", "feature", "band_layout")}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = Path(args.output_dir) / "features" / f"{split_base_name(rows.description)}-{digest}.safetensors"
     if cache.is_file():
@@ -214,7 +233,8 @@ def split_features(
     image_column = find_image_column(dataset, args.image_column)
     label_column = find_label_column(dataset, args.label_column)
     transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
-    pairs = tqdm(labelled_images(dataset, image_column, label_column, limit=limit),
+    reader = ImageReader.for_column(dataset, image_column, encoder.num_channels, args.band_layout)
+    pairs = tqdm(labelled_images(dataset, image_column, label_column, limit, reader),
                  total=min(len(dataset), limit or len(dataset)), desc=f"features of {rows.description!r}",
                  unit="image", leave=False)  # fmt: skip
     with torch.inference_mode():

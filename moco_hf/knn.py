@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .augmentation import evaluation_transform
 from .data import (
+    ImageReader,
     as_iterable,
     find_image_column,
     find_label_column,
@@ -213,6 +214,8 @@ class KnnMonitor:
         temperature: float = 0.1,
         batch_size: int = 256,
         feature: str = "backbone",
+        num_channels: int = 3,
+        band_layout: str = "auto",
     ) -> None:
         if feature not in KNN_FEATURES:
             raise UsageError(f"the kNN feature must be one of {KNN_FEATURES}, got {feature!r}.")
@@ -223,6 +226,7 @@ class KnnMonitor:
         self.splits, self.query_description = load_knn_datasets(splits)
         self.image_column = find_image_column(self.splits["bank"], splits.image_column)
         self.label_column = find_label_column(self.splits["bank"], splits.label_column)
+        self.reader = ImageReader.for_column(self.splits["bank"], self.image_column, num_channels, band_layout)
         self.num_classes = getattr(self.splits["bank"].features[self.label_column], "num_classes", None)
         self._check_every_query_class_is_in_the_bank()
         bank = self.splits["bank"]
@@ -248,7 +252,7 @@ class KnnMonitor:
         split = self.splits[role]
         dataset = shard_for_process(as_iterable(split, world), rank, world)
         share = -(-len(split) // world) if isinstance(split, Dataset) else None  # unknown for a stream
-        pairs = labelled_images(dataset, self.image_column, self.label_column, limit=None)
+        pairs = labelled_images(dataset, self.image_column, self.label_column, limit=None, reader=self.reader)
         pairs = tqdm(pairs, total=share, desc=f"kNN {role}", unit="image", leave=False,
                      disable=not accelerator.is_local_main_process)  # fmt: skip
 

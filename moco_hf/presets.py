@@ -7,7 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 SHUFFLE_BN_MODES = ("auto", "ddp", "split", "none")
-AUGMENTATIONS = ("v1", "v2", "v3", "cifar10-demo")
+AUGMENTATIONS = ("v1", "v2", "v3", "cifar10-demo", "multiband")
+# The recipes that jitter hue and saturation or turn images grey: they mean something for RGB images only.
+RGB_ONLY_AUGMENTATIONS = frozenset({"v1", "v2", "v3", "cifar10-demo"})
+# How an image held as an array (a `datasets` Array3D or numpy column) orders its axes: (C, H, W) or (H, W, C); auto
+# reads the band count from the axis of `num_channels` length (an image file says its own order).
+BAND_LAYOUTS = ("auto", "channels_first", "channels_last")
 LR_SCHEDULES = ("step", "cosine", "cosine-per-epoch")
 MOMENTUM_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -117,8 +122,23 @@ PRESETS["cifar10-demo"] = {
     "weight_decay": 5e-4,
     "sgd_momentum": 0.9,
 }
+# v2 for images that are not RGB (multispectral, medical, microscopy): the v2 recipe with the "multiband"
+# augmentation, which crops, flips, blurs and jitters brightness and contrast on any number of bands, and leaves out
+# hue, saturation and grayscale (RGB only). Per-band mean and std are computed from the training data unless given.
+PRESETS["v2-multiband"] = {**PRESETS["v2"], "augmentation": "multiband"}
 PRESET_NAMES = tuple(PRESETS)
 # The fields a resumed run may hold at another value than its checkpoint (every other field must match, see
 # `checkpointing.check_resume_settings`): the way key batches are kept from leaking follows the process count, which
 # a resume may change; the learning rate per 256 images is compared as the run's own learning rate instead.
 MAY_CHANGE_ON_RESUME = frozenset({"shuffle_bn", "base_learning_rate"})
+
+
+def check_augmentation_channels(augmentation: str, num_channels: int) -> None:
+    """A recipe that jitters hue or saturation or turns images grey needs RGB: with another band count, a ValueError
+    that names the recipe that works on any."""
+    if num_channels != 3 and augmentation in RGB_ONLY_AUGMENTATIONS:
+        raise ValueError(
+            f"`augmentation` {augmentation!r} jitters hue and saturation and turns images grey, which only 3-channel "
+            f"RGB images have; with `num_channels` {num_channels} use `augmentation` multiband (or `preset` "
+            "v2-multiband): crops, flips, blur, brightness and contrast on any number of bands."
+        )

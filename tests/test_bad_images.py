@@ -224,7 +224,7 @@ def test_a_read_that_never_returns_costs_its_bound_and_the_next_read_works(tmp_p
     """The time bound on every image read (`read_image_file` runs it through `BoundedCalls`): a read that blocks for
     good (here a FIFO opened for reading with no writer, as a read from a hung network mount blocks) gives up after
     the bound; the next read is served by a new helper thread."""
-    from moco_hf.data import BoundedCalls
+    from moco_hf.image_files import BoundedCalls
 
     calls, fifo, photo = BoundedCalls(), tmp_path / "never", tmp_path / "photo.png"
     os.mkfifo(fifo)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import UsageError, first_line
 from ..presets import (
     AUGMENTATIONS,
+    BAND_LAYOUTS,
     BATCH_NORM_CALIBRATION_IMAGES,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,6 +22,7 @@ from ..presets import (
     PRESET_NAMES,
     PRESETS,
     SHUFFLE_BN_MODES,
+    check_augmentation_channels,
 )
 
 if TYPE_CHECKING:
@@ -91,6 +93,16 @@ class DataArguments:
         default=None,
         metadata={**CONFIG, "help": "Crop size (32 for CIFAR-size images)."},
     )
+    num_channels: int | None = field(
+        default=None,
+        metadata={**CONFIG, "help": "Input bands (1 grey, 13 Sentinel-2); other than 3, images are read as float bands "
+                  "at their own bit depth, and --image_mean/--image_std default to the training data's."},
+    )  # fmt: skip
+    band_layout: Literal[BAND_LAYOUTS] = field(
+        default="auto",
+        metadata={"help": "Axis order of images held as arrays: channels_first (C, H, W), channels_last (H, W, C), "
+                  "or auto (the axis of --num_channels length)."},
+    )  # fmt: skip
     image_mean: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel mean."})  # fmt: skip
     image_std: list[float] | None = field(default=None, metadata={**CONFIG, "help": "Per-channel std."})  # fmt: skip
     augmentation: Literal[AUGMENTATIONS] | None = field(
@@ -300,6 +312,8 @@ def build_config(args: MocoTrainingArguments) -> MocoConfig:
     from ..configuration_moco import MocoConfig  # transformers and torch: after the checks that need neither
 
     overrides = {name: value for name, value in COMMAND_DEFAULTS.items() if name not in PRESETS[args.preset]}
+    if args.num_channels not in (None, 3):  # RGB statistics do not apply: the given ones, else the data's, later
+        overrides |= {"image_mean": [0.0] * args.num_channels, "image_std": [1.0] * args.num_channels}
     if args.backbone_kwargs is not None:
         try:
             overrides["backbone_kwargs"] = json.loads(args.backbone_kwargs)
@@ -312,7 +326,9 @@ def build_config(args: MocoTrainingArguments) -> MocoConfig:
         if argument.metadata.get("config_field") and getattr(args, argument.name) is not None
     }
     try:
-        return MocoConfig.from_preset(args.preset, **overrides)
+        config = MocoConfig.from_preset(args.preset, **overrides)
+        check_augmentation_channels(config.augmentation, config.num_channels)
+        return config
     except ValueError as error:  # the config names the field and what it accepts
         raise UsageError(first_line(error)) from error
 

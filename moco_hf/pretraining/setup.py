@@ -186,7 +186,8 @@ def build_knn_monitor(
     )
     try:
         return KnnMonitor(splits, accelerator, config.image_size, config.image_mean, config.image_std, args.knn_k,
-                          args.knn_temperature, args.per_device_eval_batch_size, args.knn_feature)  # fmt: skip
+                          args.knn_temperature, args.per_device_eval_batch_size, args.knn_feature,
+                          config.num_channels, args.band_layout)  # fmt: skip
     except DataError as error:
         if args.eval_dataset_name or args.label_column:  # a monitor asked for by name must work
             raise
@@ -207,7 +208,10 @@ def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]
     warn_if_fewer_processes_than_asked(accelerator)
     set_seed(args.seed)
     config = build_config(args)
-    plan = plan_data(args, accelerator)
+    plan = plan_data(args, accelerator, config.num_channels)
+    if plan.statistics is not None:  # band images with no mean and std given: their training data's
+        mean, std = plan.statistics
+        config.image_mean, config.image_std = args.image_mean or mean, args.image_std or std
     model = build_model(config, args, accelerator.num_processes, accelerator.device)
     if 0 < config.queue_size < plan.global_batch:
         logger.warning("The queue (K=%d) is smaller than the global batch (%d): each step keeps only the newest %d "
@@ -224,8 +228,9 @@ def setup(args: MocoTrainingArguments, command: str) -> tuple[Run, TrainerState]
         if lock is not None and not args.resume_from_checkpoint:  # under the lock: no live run is cleared
             clear_or_refuse_previous_run(output_dir, args.overwrite_output_dir)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        run = Run(args, config, accelerator, model, optimizer, scheduler, plan, build_augmentation(config, args),
-                  None, learning_rate, output_dir, command, lock)  # fmt: skip
+        two_crops = build_augmentation(config, args, plan.reader.bands)
+        run = Run(args, config, accelerator, model, optimizer, scheduler, plan, two_crops, None, learning_rate,
+                  output_dir, command, lock)  # fmt: skip
         return start_run(run)
     except BaseException:
         if lock is not None:
