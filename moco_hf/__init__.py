@@ -66,8 +66,10 @@ def register_auto_classes() -> None:
     AutoModel.register(MocoConfig, MocoModel, exist_ok=True)
     AutoModelForImageClassification.register(MocoConfig, MocoForImageClassification, exist_ok=True)
     AutoBackbone.register(MocoConfig, MocoBackbone, exist_ok=True)  # detectors and segmenters: `backbone_config`
-    # Models of other band counts than 3 save this processor by name (RGB ones save transformers' BitImageProcessor).
-    AutoImageProcessor.register(MocoConfig, slow_image_processor_class=MocoBandImageProcessor, exist_ok=True)
+    # Models of other band counts than 3 save this processor by name (RGB ones save transformers' BitImageProcessor);
+    # it works on torch tensors, transformers' "torchvision" backend.
+    band_processor = {"torchvision": MocoBandImageProcessor}
+    AutoImageProcessor.register(MocoConfig, image_processor_classes=band_processor, exist_ok=True)
     MocoBandImageProcessor.register_for_auto_class("AutoImageProcessor")
     MocoConfig.register_for_auto_class()
     MocoModel.register_for_auto_class("AutoModel")

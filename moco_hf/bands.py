@@ -43,14 +43,16 @@ def file_bands(content: bytes) -> np.ndarray:
 
 
 def to_channels_first(array: np.ndarray, layout: str, num_channels: int | None = None) -> np.ndarray:
-    """`array` as `(C, H, W)`: a 2-D array is one band; a 3-D one is read in `layout`, where "auto" takes the axis
-    of `num_channels` length as the bands (the last one when both ends have it)."""
+    """`array` as `(C, H, W)`: a 2-D array is one band; a 3-D one is read in `layout`, where "auto" takes the end
+    axis of `num_channels` length as the bands (the last one when both have it), else the shorter end axis."""
     if array.ndim == 2:
         return array[None]
     if array.ndim != 3:
         raise ValueError(f"an array of shape {tuple(array.shape)}, not an image (2 or 3 axes)")
     if layout == "auto":
-        layout = "channels_first" if array.shape[0] == num_channels != array.shape[-1] else "channels_last"
+        first, last = array.shape[0], array.shape[-1]
+        bands_first = first == num_channels != last or (num_channels not in (first, last) and first < last)
+        layout = "channels_first" if bands_first else "channels_last"
     return array if layout == "channels_first" else array.transpose(2, 0, 1)
 
 

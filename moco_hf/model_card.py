@@ -166,6 +166,7 @@ def render_model_card(
         backbone=config.backbone,
         num_features=_num_features(config),
         image_size=config.image_size,
+        num_channels=config.num_channels,
         image_mean=list(config.image_mean),
         image_std=list(config.image_std),
         contents=contents,

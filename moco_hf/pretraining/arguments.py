@@ -39,7 +39,9 @@ CONFIG = {"config_field": True}
 class ModelArguments:
     """The network and the MoCo algorithm (`MocoConfig` fields; None: the preset's)."""
 
-    preset: Literal[PRESET_NAMES] = field(default="v2", metadata={"help": "Paper recipe (v3-vit: v3 for ViTs)."})
+    preset: Literal[PRESET_NAMES] = field(
+        default="v2", metadata={"help": "Paper recipe (v3-vit: v3 for ViTs; v2-multiband: v2 for images not RGB)."}
+    )
     backbone: str | None = field(default=None, metadata={**CONFIG, "help": "timm model name."})
     backbone_kwargs: str | None = field(default=None, metadata={"help": "JSON, e.g. '{\"img_size\": 32}'."})
     dim: int | None = field(default=None, metadata={**CONFIG, "help": "Embedding dimension."})
