@@ -27,9 +27,14 @@ def load_pretrained_weights(model: MocoModel, name_or_path: str, trust_remote_co
             model.load_state_dict(saved.state_dict())
             return f"the MocoModel {name_or_path}"
         timm_name = name_or_path if source.kind == TIMM_NAME else timm_reference(name_or_path)
-        backbone = timm.create_model(timm_name, pretrained=True, num_classes=0)
+        bands = model.config.num_channels
+        # timm adapts the first convolution of weights made for another band count (`adapt_input_conv`: RGB
+        # filters summed for one band, repeated and rescaled for more).
+        backbone = timm.create_model(timm_name, pretrained=True, num_classes=0, in_chans=bands)
         model.encoder_q.backbone.load_state_dict(backbone.state_dict())
     except (RuntimeError, OSError, ValueError) as error:
         raise UsageError(f"could not start from {name_or_path!r}: {first_line(error)}") from error
     model.encoder_k.load_state_dict(model.encoder_q.state_dict())  # the key encoder starts as a copy, as always
-    return f"the timm weights {timm_name} (both backbones)"
+    weights_bands = (backbone.pretrained_cfg or {}).get("input_size", (bands,))[0]
+    adapted = f", first convolution adapted from {weights_bands} to {bands} bands (timm's adapt_input_conv)"
+    return f"the timm weights {timm_name} (both backbones{adapted if weights_bands != bands else ''})"

@@ -3,7 +3,8 @@ uses to create a model repo, commit files (regular uploads, no LFS) and download
 
 Test-only: in-memory, one content per repo (branches and pull requests are accepted and recorded in `requests`, not
 kept apart), thread per request, bound to 127.0.0.1. `fail_commits` makes every
-commit answer 500, to test what a failed push does.
+commit answer 507 (Insufficient Storage), to test what a failed push does: a server error that huggingface_hub does
+not retry (it retries 500, 502, 503 and 504 for ~25 s, its behaviour, not ours to test).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class HubHandler(BaseHTTPRequestHandler):
                 return self._json(200, {"files": answer, "commitOid": self.state.commits[repo]})
             if rest[:1] == ["commit"]:
                 if self.state.fail_commits:
-                    return self._json(500, {"error": "Internal Server Error (test: fail_commits)"})
+                    return self._json(507, {"error": "Insufficient Storage (test: fail_commits)"})
                 files, deleted = {}, []
                 for line in body.decode().splitlines():
                     if not line.strip():

@@ -17,6 +17,7 @@ import torchvision
 from conftest import FAST_TRAINING, complete_checkpoints, run_pretrain
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features
 from PIL import Image
+from timm.models import adapt_input_conv
 from torchvision.transforms.v2.functional import pil_to_tensor
 from transformers import AutoImageProcessor, AutoModel
 
@@ -24,10 +25,20 @@ from moco_hf import MocoBackbone, MocoConfig, MocoModel, export_encoder
 from moco_hf.augmentation import build_two_crops
 from moco_hf.batched_augmentation import OnDeviceTwoCrops, PerImageTwoCrops, adjust_brightness, adjust_contrast
 from moco_hf.cli import main as moco_hf_cli
-from moco_hf.data import GlobalOrder, ImageReader, MapStyleBatches, collate, find_image_column, usable_images
+from moco_hf.data import (
+    GlobalOrder,
+    ImageReader,
+    MapStyleBatches,
+    StreamBatches,
+    as_iterable,
+    collate,
+    find_image_column,
+    usable_images,
+)
 from moco_hf.errors import DataError, UsageError
 from moco_hf.pretraining import MocoTrainingArguments
 from moco_hf.pretraining.arguments import build_config
+from moco_hf.warm_start import load_pretrained_weights
 
 
 def bands_of(images: torch.Tensor, count: int) -> torch.Tensor:
@@ -276,3 +287,37 @@ def test_band_datasets_train_resume_save_reload_export_and_evaluate(kind, cifar_
                         "--knn_k", "5", "--output_dir", str(tmp_path / "eval")]) == 0  # fmt: skip
     knn = json.loads((tmp_path / "eval" / "knn_results.json").read_text())
     assert knn["train_samples"] == 48 and knn["eval_samples"] == 16 and 0 <= knn["knn_top1"] <= 100
+    if kind == "tiff":  # the linear protocol reads the same way
+        assert moco_hf_cli(["evaluate", "linear", "--model_name_or_path", str(out / "model"), "--dataset_name",
+                            str(data), "--epochs", "2", "--output_dir", str(tmp_path / "eval")]) == 0  # fmt: skip
+        assert json.loads((tmp_path / "eval" / "linear_results.json").read_text())["eval_samples"] == 16
+
+
+@pytest.mark.parametrize("bands", [1, 13])
+def test_a_warm_start_from_rgb_timm_weights_adapts_the_first_convolution(bands, tmp_path):
+    """RGB weights (an encoder exported in timm's format) into an N-band model: the first convolution is timm's
+    `adapt_input_conv` of the RGB one (the reference: timm's function on the RGB weights), the rest unchanged."""
+    rgb = MocoModel(MocoConfig.from_preset("v2", backbone="resnet18", queue_size=16, image_size=32))
+    export_encoder(rgb, tmp_path / "rgb")
+    config = MocoConfig.from_preset("v2-multiband", backbone="resnet18", queue_size=16, image_size=32,
+                                    num_channels=bands, image_mean=[0.0] * bands, image_std=[1.0] * bands)  # fmt: skip
+    model = MocoModel(config)
+    said = load_pretrained_weights(model, str(tmp_path / "rgb"))
+    assert f"first convolution adapted from 3 to {bands} bands" in said
+    expected = adapt_input_conv(bands, rgb.encoder_q.backbone.conv1.weight.detach().clone())
+    for encoder in (model.encoder_q, model.encoder_k):
+        torch.testing.assert_close(encoder.backbone.conv1.weight, expected, atol=0, rtol=0)
+        torch.testing.assert_close(
+            encoder.backbone.layer4[1].conv2.weight, rgb.encoder_q.backbone.layer4[1].conv2.weight
+        )
+
+
+def test_a_stream_of_array_images_gives_band_batches(cifar_images):
+    rows = band_rows(cifar_images, 12, 13)
+    features = Features({"image": Array3D((13, 32, 32), "uint16")})
+    stream = as_iterable(Dataset.from_dict({"image": rows}, features=features), 1)
+    reader = ImageReader.for_column(stream, "image", 13)
+    two_crops = OnDeviceTwoCrops("multiband", 16, [0.5] * 13, [0.25] * 13)
+    batch = next(iter(StreamBatches(stream, "image", two_crops, batch_size=6, seed=0, reader=reader)))
+    assert batch["skipped"] == 0 and batch["image"].dtype == torch.float32
+    torch.testing.assert_close(batch["image"], torch.from_numpy(rows[:6].astype(np.float32) / 65535))

@@ -139,7 +139,7 @@ def test_help_states_what_each_preset_saves(preset, tmp_path):
             groups = dict(re.match(r"(\S+) (.*)", group).groups() for group in found[1].split(", "))
             (value,) = [value for presets, value in groups.items() if preset in presets.split("/")]
             stated[action.dest] = value
-    assert len(stated) == 20  # the 19 config flags and --learning_rate's base rate
+    assert len(stated) == 21  # the 20 config flags and --learning_rate's base rate
     for flag, value in stated.items():
         expected = saved["base_learning_rate" if flag == "learning_rate" else flag]
         if isinstance(expected, list):
