@@ -11,7 +11,7 @@ and std then normalise them (`band_statistics` computes them from training image
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from .errors import first_line
 from .image_files import loaded
 
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little/big-endian TIFF and BigTIFF
@@ -70,7 +71,7 @@ def decode_bands(value: Any, num_channels: int, layout: str) -> tuple[torch.Tens
     try:
         array = stored_bands(value, num_channels, layout)
     except Exception as error:  # a corrupt file must never stop a run: it is counted by the caller
-        return None, f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        return None, f"{type(error).__name__}: {first_line(error)}"
     if array.shape[0] != num_channels:
         return None, f"{array.shape[0]} band(s) (shape {tuple(array.shape)}), not the model's {num_channels}"
     if min(array.shape[1:]) < 1:
@@ -109,7 +110,3 @@ def band_statistics(images: Iterable[torch.Tensor], count: int = STATISTICS_IMAG
     mean = total / pixels
     std = (squares / pixels - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)  # a constant band: no division by 0
     return mean.tolist(), std.tolist()
-
-
-def format_bands(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:.4g}" for v in values)

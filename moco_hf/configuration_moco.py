@@ -94,7 +94,9 @@ class MocoConfig(PretrainedConfig):
         num_channels (`int`, defaults to 3):
             Channels (bands) of the input images: 3 for RGB, 1 for grey or single-band images, e.g. 13 for Sentinel-2;
             timm builds the first layer for them (`in_chans`), and `image_mean`/`image_std` hold one value each. A
-            config with `backbone_kwargs["in_chans"]` (before this field) loads with that count.
+            count other than 3 makes the trainer read images as float bands at their own bit depth
+            (`moco_hf.bands`), and needs the `"multiband"` augmentation. A config with `backbone_kwargs["in_chans"]`
+            (before this field) loads with that count.
         image_size (`int`, defaults to 224):
             Side of the square crop the encoder was trained on; exported encoders carry it in timm's
             `pretrained_cfg`, with the mean and standard deviation below.
@@ -103,7 +105,8 @@ class MocoConfig(PretrainedConfig):
         image_std (`tuple[float, ...]`, defaults to ImageNet's `(0.229, 0.224, 0.225)`):
             Per-channel standard deviation the images are divided by.
         augmentation (`str`, defaults to `"v1"`):
-            The two-crop augmentation recipe the trainer builds (`moco_hf.augmentation`). This and the fields below
+            The two-crop augmentation recipe the trainer builds (`moco_hf.augmentation`): `"v1"`, `"v2"`, `"v3"`,
+            `"cifar10-demo"` (RGB) or `"multiband"` (any band count). This and the fields below
             are the training recipe, stored so that a checkpoint says how it was trained.
         lr_schedule (`str`, defaults to `"step"`):
             The learning-rate schedule: `"step"` (v1: x0.1 at 60% and 80% of training), `"cosine"` (per step) or
@@ -194,8 +197,8 @@ class MocoConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MocoConfig:
-        """A config with the recipe `name` (`"v1"`, `"v2"`, `"v3"`, `"v3-vit"` or `"cifar10-demo"`); `overrides`
-        replace any field."""
+        """A config with the recipe `name` (`"v1"`, `"v2"`, `"v3"`, `"v3-vit"`, `"cifar10-demo"` or
+        `"v2-multiband"`); `overrides` replace any field."""
         if name not in PRESETS:
             raise ValueError(f"Unknown MoCo preset {name!r}; choose one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
