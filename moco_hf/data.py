@@ -178,14 +178,14 @@ def dataset_fingerprint(dataset: Dataset | IterableDataset, image_column: str, r
     left out, so the same data under another path has the same fingerprint and other data another one."""
     digest = hashlib.sha256()
     head = take_rows(dataset, 0, FINGERPRINT_ROWS)
-    files = isinstance(head.features[image_column], Image)
-    head = head.cast_column(image_column, Image(decode=False)) if files else head.with_format("numpy")
+    files = holds_image_files(head.features[image_column])
+    head = ImageReader.prepare(head, image_column)
     for row in head:
         image = row.pop(image_column)
         if not files:  # an array: its values and shape
             digest.update(repr(np.shape(image)).encode() + np.ascontiguousarray(image).tobytes())
-            image = {}
-        content = (image or {}).get("bytes")
+        image = image if files and image else {}
+        content = image.get("bytes")
         if content is None and image.get("path"):
             try:
                 content = read_image_file(image["path"])
@@ -197,6 +197,11 @@ def dataset_fingerprint(dataset: Dataset | IterableDataset, image_column: str, r
 
 
 ARRAY_FEATURES = (Array2D, Array3D, List, LargeList)  # columns that may hold an image as an array of values
+
+
+def holds_image_files(feature: Any) -> bool:
+    """Whether a column holds image files: of type `datasets.Image`, or its storage struct {bytes, path}."""
+    return isinstance(feature, Image) or (isinstance(feature, dict) and {"bytes", "path"} <= feature.keys())
 
 
 def find_image_column(dataset: Dataset | IterableDataset, image_column: str | None) -> str:
@@ -271,7 +276,7 @@ class ImageReader:
     def for_column(cls, dataset: Dataset | IterableDataset, column: str, num_channels: int = 3,
                    band_layout: str = "auto") -> ImageReader:  # fmt: skip
         feature = (dataset.features or {}).get(column)
-        if isinstance(feature, Image):
+        if holds_image_files(feature):
             return cls(num_channels, band_layout, bands=num_channels != 3)
         while isinstance(feature, (List, LargeList)):  # nested lists of values: the innermost value's type
             feature = feature.feature
@@ -280,8 +285,9 @@ class ImageReader:
     @staticmethod
     def prepare(dataset: Dataset | IterableDataset, column: str) -> Dataset | IterableDataset:
         """`dataset` with `column` as the reader takes it: image files undecoded (bytes or path), arrays as numpy."""
-        if isinstance(dataset.features[column], Image):
-            return dataset.cast_column(column, Image(decode=False))
+        feature = dataset.features[column]
+        if holds_image_files(feature):
+            return dataset.cast_column(column, Image(decode=False)) if isinstance(feature, Image) else dataset
         return dataset.with_format("numpy")
 
     def __call__(self, value: Any) -> tuple[PILImage.Image | torch.Tensor | None, str | None]:

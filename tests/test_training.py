@@ -151,7 +151,7 @@ def test_help_lists_the_choices_and_documents_every_argument(capsys):
 
     result = run_pretrain("--help", timeout=120)
     assert result.returncode == 0
-    assert "{v1,v2,v3,v3-vit,cifar10-demo}" in result.stdout and "{auto,ddp,split,none}" in result.stdout
+    assert "{v1,v2,v3,v3-vit,cifar10-demo,v2-multiband}" in result.stdout and "{auto,ddp,split,none}" in result.stdout
     assert not [argument.name for argument in fields(MocoTrainingArguments) if not argument.metadata.get("help")]
     # `moco-hf train` is the same command: the same flags.
     with pytest.raises(SystemExit) as exit_status:
