@@ -61,23 +61,25 @@ def losses(output_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_machines_of_two_processes_train_exactly_as_four_processes_on_one(small_dataset, tmp_path):
-    one_machine, two_machines = tmp_path / "1x4", tmp_path / "2x2"
+def test_two_machines_train_exactly_as_the_same_processes_on_one(small_dataset, tmp_path):
+    """Two "machines" of one process each against two processes on one machine: machine 1's process is global rank
+    1 but local rank 0, so any mix-up of the two ranks (data shards, key shuffle, saved states) shows."""
+    one_machine, two_machines = tmp_path / "1x2", tmp_path / "2x1"
     data = ["--dataset_name", str(small_dataset)]
-    reference = run_pretrain(*TINY_RUN, *data, "--output_dir", str(one_machine), processes=4)
+    reference = run_pretrain(*TINY_RUN, *data, "--output_dir", str(one_machine), processes=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    machines = launch_on_two_machines(*TINY_RUN, *data, "--output_dir", str(two_machines))
+    machines = launch_on_two_machines(*TINY_RUN, *data, "--output_dir", str(two_machines), per_machine=1)
     for machine in machines:
         assert machine.returncode == 0, machine.stderr[-3000:]
-    assert "4 processes x 4 images x 1 accumulation = 16 per step" in machines[0].stderr
-    assert "shuffle_bn=ddp" in machines[0].stderr  # the key batch is shuffled across all 4 ranks
+    assert "2 processes x 4 images x 1 accumulation = 8 per step" in machines[0].stderr
+    assert "shuffle_bn=ddp" in machines[0].stderr  # the key batch is shuffled across both machines' ranks
     assert losses(two_machines) == losses(one_machine)
     ours, theirs = (load_file(run / "model" / "model.safetensors") for run in (two_machines, one_machine))
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=0, rtol=0, msg=name)
     states = sorted(p.name for p in (two_machines / "checkpoints" / "step_3").glob("random_states_*"))
-    assert states == [f"random_states_{rank}.pkl" for rank in range(4)]  # machine 1's ranks saved theirs too
+    assert states == ["random_states_0.pkl", "random_states_1.pkl"]  # machine 1's rank saved its own too
 
 
 def test_four_ranks_read_disjoint_parts_of_the_data(small_dataset):
