@@ -50,6 +50,7 @@ finally:
 """
 
 
+@pytest.mark.slow  # two interpreters and their loader workers, one of which must be seen hanging for 10 s
 def test_a_failing_loader_worker_ends_the_process_instead_of_hanging_at_exit(small_dataset):
     """Workers ignore SIGTERM (so that a Ctrl-C to the process group leaves them to the checkpoint save); at exit,
     multiprocessing terminates them with SIGTERM and waits: without `close_loader` (as the trainer calls it
