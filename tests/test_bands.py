@@ -21,7 +21,7 @@ from timm.models import adapt_input_conv
 from torchvision.transforms.v2.functional import pil_to_tensor
 from transformers import AutoImageProcessor, AutoModel
 
-from moco_hf import MocoBackbone, MocoConfig, MocoModel, export_encoder
+from moco_hf import MocoBackbone, MocoConfig, MocoForImageClassification, MocoModel, export_encoder
 from moco_hf.augmentation import build_two_crops
 from moco_hf.batched_augmentation import OnDeviceTwoCrops, PerImageTwoCrops, adjust_brightness, adjust_contrast
 from moco_hf.cli import main as moco_hf_cli
@@ -283,6 +283,11 @@ def test_band_datasets_train_resume_save_reload_export_and_evaluate(kind, cifar_
         features = model.get_image_features(images["pixel_values"]).pooler_output
         torch.testing.assert_close(encoder(images["pixel_values"]), features, atol=1e-5, rtol=0)
         assert backbone(images["pixel_values"]).feature_maps[0].shape == (4, 512, 1, 1)
+    if kind == "array3d":  # a torchvision state dict and a classifier take the bands too
+        assert moco_hf_cli(["export", str(out / "model"), str(tmp_path / "tv.pth"), "--format", "torchvision"]) == 0
+        assert torch.load(tmp_path / "tv.pth", weights_only=True)["conv1.weight"].shape == (64, 13, 7, 7)
+        classifier = MocoForImageClassification.from_pretrained(out / "model", num_labels=10).eval()
+        assert classifier(**images).logits.shape == (4, 10)
     capsys.readouterr()
     assert moco_hf_cli(["evaluate", "knn", "--model_name_or_path", str(out / "model"), "--dataset_name", str(data),
                         "--knn_k", "5", "--output_dir", str(tmp_path / "eval")]) == 0  # fmt: skip
