@@ -11,6 +11,7 @@ and std then normalise them (`band_statistics` computes them from training image
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from PIL import ImageOps
 
 from .errors import first_line
 from .image_files import loaded
+from .presets import MAX_CHANNELS
 
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little/big-endian TIFF and BigTIFF
 STATISTICS_IMAGES = 256  # training images whose pixels give the per-band mean and std when none are given
@@ -35,12 +37,25 @@ def file_bands(content: bytes) -> np.ndarray:
 
         with tifffile.TiffFile(io.BytesIO(content)) as tiff:
             series = tiff.series[0]
+            refuse_bomb(series.shape, series.axes)
             array, axes = series.asarray(), series.axes
         return to_channels_first(array, "channels_last" if axes.endswith("S") else "channels_first")
     image = ImageOps.exif_transpose(loaded(PILImage.open(io.BytesIO(content))))
     if image.mode == "P":  # palette indices are not values
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     return to_channels_first(np.asarray(image), "channels_last")
+
+
+def refuse_bomb(shape: tuple[int, ...], axes: str) -> None:
+    """Pillow's decompression-bomb rule for TIFF files, which tifffile decodes whatever their size: more than twice
+    `PIL.Image.MAX_IMAGE_PIXELS` pixels (per band), or more bands than a model can take, is refused before decoding
+    (a small compressed file can claim gigabytes)."""
+    pixels = math.prod(size for axis, size in zip(axes, shape, strict=True) if axis in "YX")
+    bands = math.prod(shape) // max(1, pixels)
+    limit = PILImage.MAX_IMAGE_PIXELS  # None: the user turned Pillow's rule off, and so it is here
+    if (limit is not None and pixels > 2 * limit) or bands > MAX_CHANNELS:
+        raise ValueError(f"a TIFF image of shape {tuple(shape)} ({axes}) is over the decompression-bomb limits "
+                         f"(2 x {limit} pixels, {MAX_CHANNELS} bands): refused unread")  # fmt: skip
 
 
 def to_channels_first(array: np.ndarray, layout: str, num_channels: int | None = None) -> np.ndarray:

@@ -296,7 +296,7 @@ class ImageReader:
             return decode_image_or_reason(value)
         try:
             value = self.stored(value)
-        except OSError as error:  # TimeoutError included
+        except Exception as error:  # an unreadable file, values of no number type: counted like a broken image
             return None, f"{type(error).__name__}: {first_line(error)}"
         return decode_bands(value, self.num_channels, self.band_layout)
 

@@ -335,3 +335,17 @@ def test_the_resume_fingerprint_of_array_images_follows_their_values(cifar_image
     fingerprints = [dataset_fingerprint(Dataset.from_dict({"image": images}, features=features), "image", 10)
                     for images in (rows, rows.copy(), rows[::-1].copy())]  # fmt: skip
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+
+
+def test_hostile_band_files_and_values_are_counted_not_fatal(cifar_images, tmp_path, monkeypatch):
+    """A TIFF over Pillow's decompression-bomb rule (its pixel limit lowered here, so that a small file is over it)
+    and an array column of values that are no numbers: each is one undecodable image with its reason."""
+    rows = band_rows(cifar_images, 1, 13)
+    tifffile.imwrite(tmp_path / "big.tif", rows[0], photometric="minisblack", compression="zlib")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 32 x 32 = 1024 pixels > 2 x 400
+    bands, reason = ImageReader(13, bands=True)({"bytes": (tmp_path / "big.tif").read_bytes(), "path": None})
+    assert bands is None and "decompression-bomb" in reason
+    monkeypatch.undo()
+    assert ImageReader(13, bands=True)({"bytes": (tmp_path / "big.tif").read_bytes(), "path": None})[1] is None
+    reader = ImageReader(1, bands=True, array_dtype="uint16")
+    assert reader([["a", "b"], ["c", "d"]])[0] is None and "ValueError" in reader([["a", "b"], ["c", "d"]])[1]
