@@ -308,9 +308,11 @@ class ImageReader:
             return np.asarray(value).astype(self.array_dtype, copy=False)
         return value
 
-    def check_band_count(self, dataset: Dataset | IterableDataset, column: str, rows: int = 100) -> None:
-        """Stop with one line when the first readable image of `column` has another band count than the model:
-        the wrong data or the wrong `num_channels`, not a few bad files. (Later ones are counted and skipped.)"""
+    def check_band_count(self, dataset: Dataset | IterableDataset, column: str, rows: int = 100,
+                         trained: bool = False) -> None:  # fmt: skip
+        """Stop with one line when the first readable image of `column` has another band count than the model
+        (`trained`: a model that exists, being evaluated): the wrong data or the wrong `num_channels`, not a few
+        bad files. (Later ones are counted and skipped.)"""
         if not self.bands:
             return
         for row in take_rows(self.prepare(dataset, column), 0, rows):
@@ -319,10 +321,11 @@ class ImageReader:
             except Exception:  # unreadable: counted when training reaches it
                 continue
             if shape[0] != self.num_channels:
+                advice = "evaluate it on images of its bands" if trained else f"pass `num_channels` {shape[0]}"
                 raise DataError(
                     f"the first readable image of column {column!r} has {shape[0]} band(s) (shape {shape}, "
-                    f"`band_layout` {self.band_layout}) but `num_channels` is {self.num_channels}: pass "
-                    f"`num_channels` {shape[0]}, or convert the images."
+                    f"`band_layout` {self.band_layout}) but the model takes {self.num_channels} (`num_channels`): "
+                    f"{advice}, or convert the images."
                 )
             return
 

@@ -234,6 +234,7 @@ def split_features(
     label_column = find_label_column(dataset, args.label_column)
     transform = evaluation_transform(encoder.image_size, encoder.mean, encoder.std)
     reader = ImageReader.for_column(dataset, image_column, encoder.num_channels, args.band_layout)
+    reader.check_band_count(dataset, image_column, trained=True)
     pairs = tqdm(labelled_images(dataset, image_column, label_column, limit, reader),
                  total=min(len(dataset), limit or len(dataset)), desc=f"features of {rows.description!r}",
                  unit="image", leave=False)  # fmt: skip

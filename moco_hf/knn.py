@@ -227,6 +227,7 @@ class KnnMonitor:
         self.image_column = find_image_column(self.splits["bank"], splits.image_column)
         self.label_column = find_label_column(self.splits["bank"], splits.label_column)
         self.reader = ImageReader.for_column(self.splits["bank"], self.image_column, num_channels, band_layout)
+        self.reader.check_band_count(self.splits["bank"], self.image_column)
         self.num_classes = getattr(self.splits["bank"].features[self.label_column], "num_classes", None)
         self._check_every_query_class_is_in_the_bank()
         bank = self.splits["bank"]

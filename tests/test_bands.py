@@ -176,7 +176,7 @@ def test_wrong_band_counts_and_nan_are_skipped_but_a_wrong_first_image_stops(cif
     batch = MapStyleBatches(dataset, "image", two_crops, order, reader).__getitems__([(0, p) for p in range(8)])
     assert batch["skipped"] == 2 and batch["image"].shape == (8, 4, 32, 32)
     reader.check_band_count(dataset, "image")  # the first readable image has 4 bands: fine
-    with pytest.raises(DataError, match=r"first readable image .* has 4 band\(s\) .* `num_channels` is 13"):
+    with pytest.raises(DataError, match=r"first readable image .* has 4 band\(s\) .* the model takes 13"):
         ImageReader.for_column(dataset, "image", 13).check_band_count(dataset, "image")
 
 
@@ -349,3 +349,14 @@ def test_hostile_band_files_and_values_are_counted_not_fatal(cifar_images, tmp_p
     assert ImageReader(13, bands=True)({"bytes": (tmp_path / "big.tif").read_bytes(), "path": None})[1] is None
     reader = ImageReader(1, bands=True, array_dtype="uint16")
     assert reader([["a", "b"], ["c", "d"]])[0] is None and "ValueError" in reader([["a", "b"], ["c", "d"]])[1]
+
+
+def test_evaluating_a_band_model_on_rgb_images_stops_with_one_line(small_dataset, tmp_path, capsys):
+    config = MocoConfig.from_preset("v2-multiband", backbone="resnet18", queue_size=16, image_size=32,
+                                    num_channels=13, image_mean=[0.5] * 13, image_std=[0.25] * 13)  # fmt: skip
+    MocoModel(config).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert moco_hf_cli(["evaluate", "knn", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name",
+                        str(small_dataset), "--output_dir", str(tmp_path / "eval")]) == 2  # fmt: skip
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "has 3 band(s)" in error and "the model takes 13" in error and "evaluate it on images of its bands" in error
