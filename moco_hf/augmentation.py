@@ -25,8 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .image_processing import evaluation_resize
-from .presets import check_augmentation_channels
+from .presets import check_augmentation_channels, evaluation_resize
 
 Transform = Callable[[object], torch.Tensor]
 

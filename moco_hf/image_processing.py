@@ -10,12 +10,7 @@ from transformers import BaseImageProcessor, BatchFeature, BitImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from .configuration_moco import MocoConfig
-
-
-def evaluation_resize(size: int) -> int:
-    """The short side evaluation resizes to before the centre crop: size / 0.875 (the ImageNet convention), or the
-    crop size itself for CIFAR-sized images."""
-    return size if size <= 64 else round(size / 0.875)
+from .presets import evaluation_resize
 
 
 def image_processor_for(config: MocoConfig) -> BaseImageProcessor:

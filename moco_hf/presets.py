@@ -133,6 +133,12 @@ PRESET_NAMES = tuple(PRESETS)
 MAY_CHANGE_ON_RESUME = frozenset({"shuffle_bn", "base_learning_rate"})
 
 
+def evaluation_resize(size: int) -> int:
+    """The short side evaluation resizes to before the centre crop: size / 0.875 (the ImageNet convention), or the
+    crop size itself for CIFAR-sized images."""
+    return size if size <= 64 else round(size / 0.875)
+
+
 def check_augmentation_channels(augmentation: str, num_channels: int) -> None:
     """A recipe that jitters hue or saturation or turns images grey needs RGB: with another band count, a ValueError
     that names the recipe that works on any."""
