@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the linter and the whole test suite (388 tests). On 2 CPU cores from a fresh clone
+# Sets everything up, then runs the linter and the whole test suite (390 tests). On 2 CPU cores from a fresh clone
 # with empty caches: 18 min 52 s of pytest (21 min 3 s with the set-up) on 2026-12-06, on a host where `import torch`
 # took 2.4-3.9 s; 12 min 39 s for 368 tests on 2026-12-05, when it took 1.5 s. The quick part, -m "not slow": 3 min 0 s
 # on 2026-12-06. docs/development.md has the details.
