@@ -149,14 +149,21 @@ def search(names: list[str], seed: int) -> None:
               f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
 
 
-def confirm(seeds: list[int], control: bool) -> None:
-    runs = [(f"seed {seed}", ["--seed", str(seed)]) for seed in seeds]
-    runs += [("control lr 1e-12 seed 0", ["--learning_rate", "1e-12"])] if control else []
+def main_job_runs(section: str, seeds: list[int], control: bool, flags: tuple[str, ...] = (), label: str = "",
+                  folder_prefix: str = "", hidden: dict[str, str] | None = None) -> None:  # fmt: skip
+    """`bash scripts/pretrain.sh` with `flags`, for each seed and, with `control`, at learning rate 1e-12; each run's
+    measurements saved under `section` of the result file as they come (paths in `hidden` shown by their names)."""
+    runs = [(f"{label}seed {seed}", ["--seed", str(seed)]) for seed in seeds]
+    runs += [(f"{label}control lr 1e-12 seed 0", ["--learning_rate", "1e-12"])] if control else []
     for name, extra in runs:
-        output_dir = WORK / ("confirm-" + name.replace(" ", "_"))
-        measured = run(["bash", "scripts/pretrain.sh", *extra, "--output_dir", str(output_dir)], output_dir)
+        output_dir = WORK / (folder_prefix + name.replace(" ", "_"))
+        command = ["bash", "scripts/pretrain.sh", *flags, *extra]
+        measured = run([*command, "--output_dir", str(output_dir)], output_dir)
+        shown = " ".join(command)
+        for path, shown_as in (hidden or {}).items():
+            shown = shown.replace(path, shown_as)
         results = load()
-        results["confirm"][name] = {"command": f"bash scripts/pretrain.sh {' '.join(extra)}", **measured}
+        results.setdefault(section, {})[name] = {"command": shown, **measured}
         save(results)
         print(f"{name}: {measured['knn_top1_initial']:.2f} -> {measured['knn_top1']:.2f} "
               f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
@@ -195,20 +202,9 @@ def grey_dataset() -> tuple[Path, float, float]:
 
 def grey(seeds: list[int], control: bool) -> None:
     data, mean, std = grey_dataset()
-    grey_flags = ["--num_channels", "1", "--augmentation", "multiband", "--image_mean", f"{mean:.4f}",
-                  "--image_std", f"{std:.4f}"]  # fmt: skip
-    runs = [(f"grey seed {seed}", ["--seed", str(seed)]) for seed in seeds]
-    runs += [("grey control lr 1e-12 seed 0", ["--learning_rate", "1e-12"])] if control else []
-    for name, extra in runs:
-        output_dir = WORK / name.replace(" ", "_")
-        command = ["bash", "scripts/pretrain.sh", "--dataset_name", str(data), *grey_flags, *extra]
-        measured = run([*command, "--output_dir", str(output_dir)], output_dir)
-        results = load()
-        shown = " ".join(command).replace(str(data), "<grey CIFAR-10>")
-        results.setdefault("grey", {})[name] = {"command": shown, **measured}
-        save(results)
-        print(f"{name}: {measured['knn_top1_initial']:.2f} -> {measured['knn_top1']:.2f} "
-              f"({measured['knn_gain']:+.2f}) in {measured['wall_seconds']:.0f} s", flush=True)  # fmt: skip
+    flags = ("--dataset_name", str(data), "--num_channels", "1", "--augmentation", "multiband", "--image_mean",
+             f"{mean:.4f}", "--image_std", f"{std:.4f}")  # fmt: skip
+    main_job_runs("grey", seeds, control, flags, label="grey ", hidden={str(data): "<grey CIFAR-10>"})
 
 
 def demo_epoch0(seeds: list[int]) -> None:
@@ -293,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "search":
         search(args.only, args.seed)
     elif args.stage == "confirm":
-        confirm(args.seeds, not args.no_control)
+        main_job_runs("confirm", args.seeds, not args.no_control, folder_prefix="confirm-")
     elif args.stage == "demo-epoch0":
         demo_epoch0(args.seeds)
     elif args.stage == "grey":
