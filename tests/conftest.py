@@ -54,6 +54,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now: each multi-process launch rendezvouses on its own, so
+    that the suite's workers (pytest-xdist) can launch at the same time."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def command_and_env(script: Path, *args: str, processes: int = 1) -> tuple[list[str], dict[str, str]]:
     """The command line (a fresh Python, or `accelerate launch` with N gloo processes on the CPU) and environment."""
     import sys
@@ -62,7 +72,8 @@ def command_and_env(script: Path, *args: str, processes: int = 1) -> tuple[list[
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+                     "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+                     "--dynamo_backend", "no"]  # fmt: skip
     return [*launcher, str(script), *args], env
 
 

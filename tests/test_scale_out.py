@@ -3,13 +3,12 @@ the same 4 processes on one machine; the global data order that lets a run resum
 SyncBatchNorm's limits."""
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import PRETRAIN, REPO_ROOT, command_and_env, run_pretrain
+from conftest import PRETRAIN, REPO_ROOT, command_and_env, free_port, run_pretrain
 from safetensors.torch import load_file
 
 from moco_hf.batched_augmentation import OnDeviceTwoCrops
@@ -30,12 +29,6 @@ pytestmark = pytest.mark.slow
 TINY_RUN = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "4", "--queue_size", "64",
             "--max_train_steps", "3", "--logging_steps", "1", "--knn_monitor", "false", "--dataloader_num_workers", "1",
             "--checkpointing_steps", "3"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch_on_two_machines(*args: str, per_machine: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:

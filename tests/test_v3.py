@@ -3,13 +3,13 @@ the momentum schedule by hand, and a ViT trained on real images."""
 
 import math
 import os
-import socket
 
 import pytest
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import free_port
 from reference_moco import ReferenceMoCoV3
 from torchvision.transforms import v2
 
@@ -72,10 +72,7 @@ def _two_process_worker(rank: int, port: int, images: torch.Tensor) -> None:
 
 @pytest.mark.slow
 def test_v3_matches_algorithm_1_with_negatives_gathered_from_two_processes(cifar_tensor):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torch.multiprocessing.spawn(_two_process_worker, args=(port, cifar_tensor[:64].clone()), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_two_process_worker, args=(free_port(), cifar_tensor[:64].clone()), nprocs=2, join=True)
 
 
 def test_momentum_schedule_by_hand():
