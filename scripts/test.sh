@@ -11,4 +11,4 @@ if [ -d ../shared/data/cifar10 ]; then export MOCO_HF_DEFAULT_DATASET="$(cd ../s
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest --numprocesses 2 --dist loadfile --durations=15 "$@"
+exec .venv/bin/python -m pytest --durations=15 "$@"

@@ -55,8 +55,8 @@ def _seed() -> None:
 
 
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now: each multi-process launch rendezvouses on its own, so
-    that the suite's workers (pytest-xdist) can launch at the same time."""
+    """A TCP port of 127.0.0.1 that nothing listens on now: each multi-process launch rendezvouses on its own
+    (not on accelerate's default 29500, which another run on this machine may hold)."""
     import socket
 
     with socket.socket() as probe:

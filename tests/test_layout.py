@@ -22,9 +22,7 @@ def python_files(*folders: Path) -> list[Path]:
 @pytest.mark.slow
 def test_the_wheel_installs_the_moco_hf_package_only(tmp_path):
     source = tmp_path / "source"  # setuptools builds in the source tree: a copy keeps the checkout clean
-    # __pycache__ too: a test running beside this one (pytest-xdist) may be writing a .pyc there.
-    ignored = shutil.ignore_patterns(".venv", ".git", "outputs", "build", "*.egg-info", "__pycache__")
-    shutil.copytree(REPO_ROOT, source, ignore=ignored)
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "build", "*.egg-info"))
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
     result = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
