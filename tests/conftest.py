@@ -124,8 +124,11 @@ def run_in_process(script: Path, *args: str):
 
 
 PRETRAIN = REPO_ROOT / "training" / "pretrain.py"
-# A tiny but real pretraining: ResNet-18 on 32x32 images, 16 per batch, a 64-key queue, a small kNN monitor.
-FAST_TRAINING = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "16",
+# The backbone of the tests' training runs: a real ResNet (BatchNorm, timm's stages), at 5M parameters and ~40% of
+# resnet18's time per step on 32x32 images, with checkpoints of less than half its size.
+TINY_BACKBONE = "resnet10t"
+# A tiny but real pretraining: that ResNet on 32x32 images, 16 per batch, a 64-key queue, a small kNN monitor.
+FAST_TRAINING = ["--backbone", TINY_BACKBONE, "--image_size", "32", "--per_device_train_batch_size", "16",
                  "--queue_size", "64", "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "20",
                  "--logging_steps", "1", "--dataloader_num_workers", "2",
                  "--batch_norm_calibration_images", "64"]  # fmt: skip

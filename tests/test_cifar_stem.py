@@ -197,7 +197,7 @@ REPRODUCE = REPO_ROOT / "scripts" / "reproduce_cifar10.sh"
 # The recipe at CPU scale: 200 images (12 steps of 16 per epoch), kNN on a slice each epoch.
 TINY = ["--per_device_train_batch_size", "16", "--learning_rate", "0.06", "--queue_size", "64", "--knn_k", "20",
         "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--dataloader_num_workers", "1",
-        "--logging_steps", "4", "--batch_norm_calibration_images", "64"]  # fmt: skip
+        "--logging_steps", "2", "--batch_norm_calibration_images", "64"]  # fmt: skip
 
 
 def run_recipe(*args: str) -> subprocess.CompletedProcess:
@@ -208,16 +208,16 @@ def run_recipe(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_reproduction_recipe_runs_the_first_epochs_of_the_demos_schedule(small_dataset, tmp_path):
     out = tmp_path / "recipe"
-    # 96 of the 199 decodable images: 200 epochs of 6 steps of 16
-    common = ["--dataset_name", str(small_dataset), "--max_train_samples", "96", "--output_dir", str(out)]
-    result = run_recipe(*common, "--stop_after_epochs", "2", "--checkpointing_steps", "6")
+    # 48 of the 199 decodable images: 200 epochs of 3 steps of 16
+    common = ["--dataset_name", str(small_dataset), "--max_train_samples", "48", "--output_dir", str(out)]
+    result = run_recipe(*common, "--stop_after_epochs", "2", "--checkpointing_steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     # The last step is also a checkpointing step: its checkpoint is written after the final kNN and holds it.
-    state = json.loads((out / "checkpoints" / "step_12" / "trainer_state.json").read_text())
-    assert [point["step"] for point in state["knn_history"]] == [6, 12]
+    state = json.loads((out / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert [point["step"] for point in state["knn_history"]] == [3, 6]
     results = json.loads((out / "results.json").read_text())
     assert {"knn_top1", "epochs", "train_seconds", "seconds_per_epoch", "device", "command"} <= results.keys()
-    assert results["epochs"] == 2 and results["steps"] == 12 and "cifar10-demo" in results["command"]
+    assert results["epochs"] == 2 and results["steps"] == 6 and "cifar10-demo" in results["command"]
     assert results["knn_feature"] == "head" and results["seconds_per_epoch"] == pytest.approx(
         results["train_seconds"] / 2
     )
@@ -229,8 +229,8 @@ def test_the_reproduction_recipe_runs_the_first_epochs_of_the_demos_schedule(sma
     # The stop leaves the 200-epoch schedule alone: each epoch's lr is the demo's formula for its epoch.
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lr_of_step = {row["step"]: row["lr"] for row in metrics}
-    for step in (4, 8, 12):  # logged every 4 steps
-        epoch = (step - 1) // 6 + 1
+    for step in (2, 4, 6):  # logged every 2 steps
+        epoch = (step - 1) // 3 + 1
         assert lr_of_step[step] == pytest.approx(0.06 * 0.5 * (1 + math.cos(math.pi * epoch / 200)), rel=1e-9)
     config = AutoModel.from_pretrained(out / "model").config
     assert (config.queue_size, config.momentum, config.softmax_temperature, config.mlp) == (64, 0.99, 0.1, False)
@@ -240,7 +240,7 @@ def test_the_reproduction_recipe_runs_the_first_epochs_of_the_demos_schedule(sma
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     curve = json.loads((out / "knn_curve.json").read_text())
     assert [point["epoch"] for point in curve] == [1, 2, 3]
-    assert json.loads((out / "results.json").read_text())["steps"] == 18
+    assert json.loads((out / "results.json").read_text())["steps"] == 9
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAST_TRAINING, assert_loadable, complete_checkpoints, one_line_error, run_pretrain
+from conftest import FAST_TRAINING, TINY_BACKBONE, assert_loadable, complete_checkpoints, one_line_error, run_pretrain
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_unwritable_or_too_small_output_dir_fails_before_training(small_dataset,
     result = run_pretrain(*args, "--output_dir", str(tiny / "run"))
     assert result.returncode == 2
     assert "MiB free, but one checkpoint needs about" in one_line_error(result)
-    assert "Training resnet18" not in result.stderr  # stopped before the first step
+    assert f"Training {TINY_BACKBONE}" not in result.stderr  # stopped before the first step
 
 
 @pytest.mark.slow

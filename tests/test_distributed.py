@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, launch, run_pretrain
+from conftest import REPO_ROOT, TINY_BACKBONE, launch, run_pretrain
 from safetensors.torch import load_file, save_file
 
 from moco_hf import MocoConfig, MocoModel
@@ -60,7 +60,7 @@ def test_ddp_shuffle_matches_a_replay_of_each_rank(cifar_tensor, tmp_path):
 def test_pretrain_script_with_two_processes(small_dataset, tmp_path):
     out = tmp_path / "ddp"
     result = run_pretrain(
-        "--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "8", "--queue_size", "64",
+        "--backbone", TINY_BACKBONE, "--image_size", "32", "--per_device_train_batch_size", "8", "--queue_size", "64",
         "--dataset_name", str(small_dataset), "--max_train_steps", "4", "--logging_steps", "2",
         "--knn_max_train_samples", "64", "--knn_max_eval_samples", "32", "--knn_k", "10",
         "--dataloader_num_workers", "1", "--output_dir", str(out), "--checkpointing_steps", "2",

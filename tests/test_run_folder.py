@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_TRAINING, complete_checkpoints, one_line_error, run_pretrain, start_pretrain
+from conftest import (
+    FAST_TRAINING,
+    TINY_BACKBONE,
+    complete_checkpoints,
+    one_line_error,
+    run_pretrain,
+    start_pretrain,
+)
 from safetensors.torch import load_file
 
 from moco_hf import MocoConfig
@@ -91,7 +98,10 @@ def test_every_config_field_is_compared_on_resume_unless_it_may_change():
     [
         (["--per_device_train_batch_size", "8"], "`global_batch_size` is 8 but checkpoint step_4 was trained with 16"),
         (["--queue_size", "128"], "queue_size is 128 but checkpoint step_4 was trained with 64"),
-        (["--backbone", "resnet34"], "backbone is 'resnet34' but checkpoint step_4 was trained with 'resnet18'"),
+        (
+            ["--backbone", "resnet34"],
+            f"backbone is 'resnet34' but checkpoint step_4 was trained with {TINY_BACKBONE!r}",
+        ),
         # Once resumed silently, the run then described by the new values:
         (["--image_size", "64"], "image_size is 64 but checkpoint step_4 was trained with 32"),
         (["--softmax_temperature", "0.5"], "softmax_temperature is 0.5 but checkpoint step_4 was trained with 0.2"),

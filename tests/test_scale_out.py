@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PRETRAIN, REPO_ROOT, command_and_env, free_port, run_pretrain
+from conftest import PRETRAIN, REPO_ROOT, TINY_BACKBONE, command_and_env, free_port, run_pretrain
 from safetensors.torch import load_file
 
 from moco_hf.batched_augmentation import OnDeviceTwoCrops
@@ -26,9 +26,9 @@ from moco_hf.data import (
 
 pytestmark = pytest.mark.slow
 
-TINY_RUN = ["--backbone", "resnet18", "--image_size", "32", "--per_device_train_batch_size", "4", "--queue_size", "64",
-            "--max_train_steps", "3", "--logging_steps", "1", "--knn_monitor", "false", "--dataloader_num_workers", "1",
-            "--checkpointing_steps", "3"]  # fmt: skip
+TINY_RUN = ["--backbone", TINY_BACKBONE, "--image_size", "32", "--per_device_train_batch_size", "4",
+            "--queue_size", "64", "--max_train_steps", "3", "--logging_steps", "1", "--knn_monitor", "false",
+            "--dataloader_num_workers", "1", "--checkpointing_steps", "3"]  # fmt: skip
 
 
 def launch_on_two_machines(*args: str, per_machine: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
