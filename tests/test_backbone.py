@@ -34,8 +34,9 @@ VIT = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 32, "
 def trainer_folder(small_dataset, tmp_path_factory):
     """The model folder of a short real pretraining (CIFAR stem), as the trainer writes it."""
     out = tmp_path_factory.mktemp("backbone") / "run"
-    result = run_pretrain(*FAST_TRAINING, "--cifar_stem", "--dataset_name", str(small_dataset), "--output_dir",
-                          str(out), "--max_train_steps", "3", "--knn_monitor", "false")  # fmt: skip
+    result = run_pretrain(*FAST_TRAINING, "--backbone", "resnet18", "--cifar_stem", "--dataset_name",
+                          str(small_dataset), "--output_dir", str(out), "--max_train_steps", "3", "--knn_monitor",
+                          "false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "model"
 

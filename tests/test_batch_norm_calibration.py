@@ -121,8 +121,8 @@ def test_the_trainer_measures_the_random_encoder_calibrated_and_a_frozen_run_gai
     fast = list(FAST_TRAINING)
     fast[fast.index("--batch_norm_calibration_images") + 1] = "128"
     result = run_pretrain(*fast, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--cifar_stem",
-                          "--max_train_steps", "12", "--learning_rate", "1e-12", "--knn_max_train_samples", "100",
-                          "--knn_max_eval_samples", "100")  # fmt: skip
+                          "--backbone", "resnet18", "--max_train_steps", "12", "--learning_rate", "1e-12",
+                          "--knn_max_train_samples", "100", "--knn_max_eval_samples", "100")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["knn_initial_encoder"] == "random init (BatchNorm calibrated on 128 images)"

@@ -187,7 +187,8 @@ def test_a_clear_error_where_it_does_not_apply(backbone):
 def test_the_trainer_flag_builds_it(small_dataset, tmp_path):
     out = tmp_path / "run"
     result = run_pretrain(*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(out),
-                          "--max_train_steps", "2", "--cifar_stem", "--knn_at_start", "false")  # fmt: skip
+                          "--max_train_steps", "2", "--backbone", "resnet18", "--cifar_stem",
+                          "--knn_at_start", "false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = AutoModel.from_pretrained(out / "model")
     assert loaded.config.cifar_stem and loaded.encoder_q.backbone.conv1.kernel_size == (3, 3)

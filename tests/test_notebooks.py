@@ -28,19 +28,19 @@ def test_feature_extraction_notebook(tmp_path, cifar_stem):
     config = MocoConfig.from_preset("v2", backbone="resnet18", queue_size=64, cifar_stem=cifar_stem, **cifar)
     MocoModel(config).save_pretrained(tmp_path / "model")
     printed = run_notebook("feature_extraction.ipynb", {
-        "MODEL_DIR": str(tmp_path / "model"), "NUM_BANK_IMAGES": 300, "NUM_QUERY_IMAGES": 100,
+        "MODEL_DIR": str(tmp_path / "model"), "NUM_BANK_IMAGES": 200, "NUM_QUERY_IMAGES": 50,
         "EXPORT_DIR": str(tmp_path / "encoder"),
     })  # fmt: skip
     timm_type = "NoneType" if cifar_stem else "ResNet"
     assert f"MocoModel | ImageFeatureExtractionPipeline | {timm_type}" in printed
-    assert "kNN top-1 on 100 test images" in printed
+    assert "kNN top-1 on 50 test images" in printed
     assert (tmp_path / "encoder" / "model.safetensors").is_file() != cifar_stem
 
 
 def test_pretrain_quickstart_notebook(tmp_path):
     printed = run_notebook("pretrain_quickstart.ipynb", {
-        "MAX_TRAIN_STEPS": 6, "BATCH_SIZE": 32, "KNN_BANK": 256, "KNN_QUERIES": 64,
+        "MAX_TRAIN_STEPS": 4, "BATCH_SIZE": 16, "KNN_BANK": 128, "KNN_QUERIES": 32,
         "OUTPUT_DIR": str(tmp_path / "run"),
     })  # fmt: skip
-    assert "kNN top-1: random init (BatchNorm calibrated on " in printed and "after 6 steps" in printed
+    assert "kNN top-1: random init (BatchNorm calibrated on " in printed and "after 4 steps" in printed
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
