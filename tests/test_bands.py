@@ -258,10 +258,12 @@ def band_dataset(kind: str, cifar_images, root: Path) -> tuple[Path, int]:
 def test_band_datasets_train_resume_save_reload_export_and_evaluate(kind, cifar_images, tmp_path, capsys):
     data, bands = band_dataset(kind, cifar_images, tmp_path / "data")
     out = tmp_path / "run"
+    # resnet18: torchvision's format (exported below) has no resnet10t
     args = [*FAST_TRAINING, "--preset", "v2-multiband", "--num_channels", str(bands), "--dataset_name", str(data),
-            "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--knn_max_train_samples", "48",
-            "--knn_max_eval_samples", "16", "--knn_k", "5", "--batch_norm_calibration_images", "16",
-            "--knn_monitor", str(kind == "array3d"), "--output_dir", str(out)]  # fmt: skip
+            "--backbone", "resnet18", "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+            "--knn_max_train_samples", "48", "--knn_max_eval_samples", "16", "--knn_k", "5",
+            "--batch_norm_calibration_images", "16", "--knn_monitor", str(kind == "array3d"),
+            "--output_dir", str(out)]  # fmt: skip
     if kind != "png16":  # 3 steps, then a resume to the end of the epoch
         first = run_pretrain(*args, "--stop_after_epochs", "0.5")
         assert first.returncode == 0, first.stderr[-3000:]

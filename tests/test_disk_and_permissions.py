@@ -52,10 +52,10 @@ def test_unwritable_or_too_small_output_dir_fails_before_training(small_dataset,
 
 @pytest.mark.slow
 def test_disk_full_mid_run_keeps_the_earlier_checkpoints(small_dataset, small_filesystem):
-    # One checkpoint of this model is ~140 MiB: 200 MiB hold the first, not the second.
+    # One checkpoint of resnet18 is ~140 MiB: 200 MiB hold the first, not the second.
     disk = small_filesystem(200)
     out = disk / "run"
-    args = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--knn_at_start", "false"]
+    args = ["--backbone", "resnet18", "--max_train_steps", "3", "--checkpointing_steps", "1", "--knn_at_start", "false"]
     result = run_pretrain(*FAST_TRAINING, *args, "--dataset_name", str(small_dataset), "--output_dir", str(out))
     assert result.returncode == 1
     assert "could not write checkpoint step_2" in one_line_error(result) and "No space left on device" in result.stderr
@@ -69,8 +69,8 @@ def test_disk_full_mid_run_keeps_the_earlier_checkpoints(small_dataset, small_fi
 def test_a_lower_checkpoint_limit_lets_a_full_disk_resume(small_dataset, small_filesystem):
     # ~140 MiB a checkpoint, ~90 MiB the model: 400 MiB hold two checkpoints and the model, then ~30 MiB are free.
     out = small_filesystem(400) / "run"
-    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--output_dir", str(out), "--knn_at_start", "false",
-            "--checkpointing_steps", "1"]  # fmt: skip
+    args = [*FAST_TRAINING, "--backbone", "resnet18", "--dataset_name", str(small_dataset), "--output_dir", str(out),
+            "--knn_at_start", "false", "--checkpointing_steps", "1"]  # fmt: skip
     assert run_pretrain(*args, "--max_train_steps", "2").returncode == 0
     resume = [*args, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
     refused = run_pretrain(*resume)

@@ -49,8 +49,8 @@ def saved_moco(tmp_path_factory):
 @pytest.mark.slow
 def test_no_test_split_holds_queries_out_of_the_bank_and_hf_arguments_work(train_only_dataset, saved_moco, tmp_path):
     out = tmp_path / "run"
-    args = [*FAST_TRAINING, "--dataset_name", str(train_only_dataset), "--output_dir", str(out),
-            "--max_train_samples", "64", "--num_train_epochs", "1", "--report_to", "tensorboard",
+    args = [*FAST_TRAINING, "--backbone", "resnet18", "--dataset_name", str(train_only_dataset), "--output_dir",
+            str(out), "--max_train_samples", "64", "--num_train_epochs", "1", "--report_to", "tensorboard",
             "--model_name_or_path", str(saved_moco), "--num_warmup_steps", "2"]  # fmt: skip
     result = run_pretrain(*args)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -96,8 +96,9 @@ def plant_first_convolution_weights(checkpoint: Path, value: float) -> None:
 )
 def test_numerical_fault_stops_the_run_and_keeps_the_last_good_checkpoint(small_dataset, tmp_path, value, message):
     out = tmp_path / "run"
-    args = [*FAST_TRAINING, "--dataset_name", str(small_dataset), "--checkpointing_steps", "1",
-            "--knn_at_start", "false", "--output_dir", str(out)]  # fmt: skip
+    # resnet18: its first convolution is one layer (`plant_first_convolution_weights`)
+    args = [*FAST_TRAINING, "--backbone", "resnet18", "--dataset_name", str(small_dataset), "--checkpointing_steps",
+            "1", "--knn_at_start", "false", "--output_dir", str(out)]  # fmt: skip
     assert run_pretrain(*args, "--max_train_steps", "2").returncode == 0
     model_before = (out / "model" / "model.safetensors").read_bytes()
     plant_first_convolution_weights(out / "checkpoints" / "step_2", value)
