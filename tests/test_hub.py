@@ -7,11 +7,12 @@ import socket
 import threading
 import time
 
+import huggingface_hub.constants
 import pytest
 import torch
 import torchvision
 import yaml
-from conftest import FAST_TRAINING, PRETRAIN, REPO_ROOT, launch, run_pretrain
+from conftest import FAST_TRAINING, REPO_ROOT, launch, run_pretrain
 from hub_server import start_hub_server
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -24,13 +25,21 @@ from moco_hf.model_card import EvaluationResult, TrainingSummary, render_model_c
 ROUNDTRIP = REPO_ROOT / "tests" / "hub_roundtrip.py"
 
 
+def use_endpoint(monkeypatch, endpoint: str) -> None:
+    """Talk to `endpoint` online: subprocesses through the environment (huggingface_hub reads HF_ENDPOINT and
+    HF_HUB_OFFLINE when it loads), this process through the settings huggingface_hub loaded them into."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A local Hub; subprocesses started by the test talk to it (HF_ENDPOINT is read when huggingface_hub loads)."""
+    """A local Hub, for this process and the subprocesses a test starts."""
     server, state, endpoint = start_hub_server()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    use_endpoint(monkeypatch, endpoint)
     monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # a cache of this server's files only
     yield state
     server.shutdown()
@@ -61,12 +70,11 @@ def test_push_then_load_with_auto_model_timm_pipeline_and_remote_code(hub, cifar
 FAST = [*FAST_TRAINING, "--dataloader_num_workers", "1", "--max_train_steps", "4", "--checkpointing_steps", "2"]
 
 
-def train_and_push(dataset, out, repo_id: str, *extra: str, timeout: int = 600, pushed: bool = True):
+def train_and_push(dataset, out, repo_id: str, *extra: str, pushed: bool = True):
     """A short real pretraining with `--push_to_hub` to `repo_id`; it must finish whatever the Hub does, with exit
     status 0 when the model reached the Hub and 3 (its last line saying what to upload) when it did not."""
-    # A fresh process: huggingface_hub reads HF_ENDPOINT (the local server) when it is imported.
-    result = launch(PRETRAIN, *FAST, "--dataset_name", str(dataset), "--output_dir", str(out), "--push_to_hub",
-                    "--hub_model_id", repo_id, *extra, timeout=timeout)  # fmt: skip
+    result = run_pretrain(*FAST, "--dataset_name", str(dataset), "--output_dir", str(out), "--push_to_hub",
+                          "--hub_model_id", repo_id, *extra)  # fmt: skip
     assert result.returncode == (0 if pushed else 3), result.stderr[-3000:]
     last_line = result.stdout.strip().splitlines()[-1]
     if pushed:
@@ -154,7 +162,7 @@ def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_pa
     else:
         with socket.socket() as closed:  # a port nobody listens on
             closed.bind(("127.0.0.1", 0))
-            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+            use_endpoint(monkeypatch, f"http://127.0.0.1:{closed.getsockname()[1]}")
     out = tmp_path / "run"
     result = train_and_push(small_dataset, out, "tester/failing", "--hub_strategy", strategy, pushed=False)
     assert result.stderr.count("Pushing to the Hub repo tester/failing failed") == 1
@@ -180,9 +188,8 @@ def silent_hub(monkeypatch, tmp_path):
                 return
 
     threading.Thread(target=accept_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{server.getsockname()[1]}")
     monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     yield
     server.close()
@@ -195,7 +202,7 @@ def test_a_hub_that_never_answers_costs_a_bounded_wait_at_the_end(silent_hub, sm
     out = tmp_path / "run"
     started = time.monotonic()
     result = train_and_push(small_dataset, out, "tester/hung", "--hub_strategy", "every_save", "--hub_wait_seconds",
-                            "3", timeout=300, pushed=False)  # fmt: skip
+                            "3", pushed=False)  # fmt: skip
     assert "The Hub did not answer within 3 s" in result.stderr
     # One push at a time: step 2's snapshot waits on the hung Hub, so step 4 makes none (they would fill the disk).
     assert "The previous upload to the Hub is not done: step 4 is not pushed" in result.stderr

@@ -33,7 +33,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_an_uninterrupted_run(
 
     out, rng = tmp_path / "killed", random.Random(0)
     caught_mid_save = 0
-    for target in ("mid-save", "mid-step", "mid-save", "mid-step"):
+    for target in ("mid-save", "mid-step", "mid-save"):
         process = start_pretrain(*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
         known = len(complete_checkpoints(out))
         deadline, kill_at = time.monotonic() + 120, None
