@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the linter and the whole test suite (390 tests). On 2 CPU cores from a fresh clone
-# with empty caches: 18 min 52 s of pytest (21 min 3 s with the set-up) on 2026-12-06, on a host where `import torch`
-# took 2.4-3.9 s; 12 min 39 s for 368 tests on 2026-12-05, when it took 1.5 s. The quick part, -m "not slow": 3 min 0 s
-# on 2026-12-06. docs/development.md has the details.
+# with empty caches on 2026-12-06: 11 min 14 s and 11 min 24 s of pytest in two runs (13 min 6 s and 13 min 17 s with
+# the set-up of .venv); the quick part, -m "not slow": 2 min 9 s. docs/development.md has the details.
 # Extra arguments go to pytest (e.g. -k modeling, or -m "not slow" for the quick part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
