@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the linter and the whole test suite (390 tests). On 2 CPU cores from a fresh clone
-# with empty caches on 2026-12-06: 11 min 14 s and 11 min 24 s of pytest in two runs (13 min 6 s and 13 min 17 s with
-# the set-up of .venv); the quick part, -m "not slow": 2 min 9 s. docs/development.md has the details.
+# with empty caches on 2026-12-06: 11 min 14 s, 11 min 24 s and 11 min 47 s of pytest in three runs (13 min 6 s to
+# 13 min 37 s with the set-up of .venv); the quick part, -m "not slow": 2 min 9 s. docs/development.md has the details.
 # Extra arguments go to pytest (e.g. -k modeling, or -m "not slow" for the quick part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
