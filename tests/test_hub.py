@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import FAST_TRAINING, REPO_ROOT, launch, run_pretrain
+from conftest import FAST_TRAINING, REPO_ROOT, free_port, launch, run_pretrain
 from hub_server import start_hub_server
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -160,9 +160,7 @@ def test_failed_push_warns_once_and_training_finishes(hub, small_dataset, tmp_pa
     if failure == "server error":
         hub.fail_commits = True
     else:
-        with socket.socket() as closed:  # a port nobody listens on
-            closed.bind(("127.0.0.1", 0))
-            use_endpoint(monkeypatch, f"http://127.0.0.1:{closed.getsockname()[1]}")
+        use_endpoint(monkeypatch, f"http://127.0.0.1:{free_port()}")  # a port nobody listens on
     out = tmp_path / "run"
     result = train_and_push(small_dataset, out, "tester/failing", "--hub_strategy", strategy, pushed=False)
     assert result.stderr.count("Pushing to the Hub repo tester/failing failed") == 1
